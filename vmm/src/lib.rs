@@ -1,0 +1,35 @@
+//! rmc-vmm: a minimal KVM virtual machine monitor with rmc's own guest program, checkpointable
+//! vCPU and device state, and dirty page tracking, plus the `rmc` command.
+//!
+//! The pieces, in the order a VM is built:
+//!
+//! - [`layout`]: guest physical memory layout and port map (the guest/VMM contract);
+//! - [`arch`]: long-mode boot state (identity map, GDT, SSE on);
+//! - [`guest`]: the guest program (counter service, dirtier, idle), generated with iced-x86;
+//! - [`nic`]: the paravirtual NIC (rings in guest memory, UDP on the host side);
+//! - [`vm`]: the [`Vm`]: create, boot, pause/resume, save/restore, harvest dirty pages;
+//! - [`state`]: the versioned vCPU + device state a checkpoint carries;
+//! - [`dirty`]: KVM dirty log UNION vm-memory's bitmap, with put-back;
+//! - [`service`]: host-side codec and consistency checker for the counter protocol.
+//!
+//! The epoch engine (`rmc-mc`) will drive a [`Vm`] through a `Guest` trait; nothing in this
+//! crate knows about checkpoints travelling anywhere.
+
+pub mod arch;
+mod devices;
+pub mod dirty;
+pub mod guest;
+pub mod layout;
+pub mod nic;
+pub mod service;
+pub mod state;
+mod vcpu;
+pub mod vm;
+
+pub use dirty::{DirtySet, DirtyTracker};
+pub use state::VmState;
+pub use vm::{DirtierConfig, GuestStatus, Vm, VmConfig, VmError, Workload};
+
+/// Guest memory: vm-memory's mmap backend with a dirty bitmap per region, so every write the
+/// VMM makes through it is tracked.
+pub type GuestMem = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

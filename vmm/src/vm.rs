@@ -1,0 +1,646 @@
+//! A KVM virtual machine running rmc's guest: creation, boot, pause/resume, state
+//! save/restore and dirty-page harvest. This is what the epoch engine drives.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_fpu, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use tracing::{debug, warn};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch;
+use crate::devices::Devices;
+use crate::dirty::{DirtySet, DirtyTracker, HarvestError};
+use crate::guest::GuestProgram;
+use crate::layout::{self, config, status};
+use crate::nic::Nic;
+use crate::state::{VcpuState, VmState};
+use crate::vcpu::{install_kick_handler, RunControl, VcpuHandle};
+use crate::GuestMem;
+
+/// Largest number of vCPUs.
+pub const MAX_VCPUS: usize = 4;
+/// Default guest memory size.
+pub const DEFAULT_MEM_SIZE: u64 = 256 << 20;
+
+/// What one vCPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Nothing.
+    Idle,
+    /// The counter service on the NIC.
+    Counter,
+    /// The memory dirtier.
+    Dirtier(DirtierConfig),
+}
+
+/// Dirtier parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtierConfig {
+    /// Working-set size in pages.
+    pub pages: u64,
+    /// Pages written per second; 0 = as fast as the vCPU can.
+    pub rate: u64,
+    /// Stop after this many page writes; 0 = never.
+    pub limit: u64,
+}
+
+impl Default for DirtierConfig {
+    fn default() -> Self {
+        DirtierConfig {
+            pages: 1024,
+            rate: 10_000,
+            limit: 0,
+        }
+    }
+}
+
+/// How to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest memory in bytes (multiple of 2 MiB, 16 MiB ..= 11 GiB).
+    pub mem_size: u64,
+    /// One workload per vCPU (1 to 4 vCPUs; at most one `Counter`).
+    pub workloads: Vec<Workload>,
+    /// Address the NIC's UDP socket binds to; `None`: no socket (frames are discarded).
+    pub nic_addr: Option<SocketAddr>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            mem_size: DEFAULT_MEM_SIZE,
+            workloads: vec![Workload::Counter],
+            nic_addr: None,
+        }
+    }
+}
+
+/// Errors building or driving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The configuration is not valid.
+    #[error("Invalid VM configuration: {0}")]
+    Config(String),
+    /// `/dev/kvm` could not be opened.
+    #[error("Cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("KVM {what} failed")]
+    Kvm {
+        /// Which operation.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be allocated.
+    #[error("Cannot allocate {size} bytes of guest memory")]
+    Memory {
+        /// Requested size.
+        size: u64,
+        /// The error.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// Writing the boot image into guest memory failed.
+    #[error("Cannot write the boot image into guest memory")]
+    Boot(#[source] vm_memory::GuestMemoryError),
+    /// The guest program did not assemble.
+    #[error(transparent)]
+    Assemble(#[from] crate::guest::AssembleError),
+    /// The NIC socket could not be bound.
+    #[error("Cannot bind the NIC's UDP socket to {addr}")]
+    Bind {
+        /// Address asked for.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Creating a thread, eventfd or signal handler failed.
+    #[error("Cannot set up vCPU threads")]
+    Threads(#[source] std::io::Error),
+    /// An operation that needs paused vCPUs was called on a running VM.
+    #[error("The VM must be paused for {0}")]
+    NotPaused(&'static str),
+    /// A state does not fit this VM.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    /// Restoring an MSR failed.
+    #[error("KVM refused to restore MSR {index:#x} on vCPU {vcpu}")]
+    Msr {
+        /// vCPU index.
+        vcpu: usize,
+        /// The MSR.
+        index: u32,
+    },
+    /// Reading the dirty log failed.
+    #[error(transparent)]
+    Harvest(#[from] HarvestError),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Guest-visible progress, read from guest memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestStatus {
+    /// The counter service's counter.
+    pub counter: u64,
+    /// Requests applied (new seqs).
+    pub requests: u64,
+    /// Repeated requests answered again.
+    pub repeats: u64,
+    /// Malformed requests.
+    pub bad: u64,
+}
+
+/// A running (or paused) VM. Dropping it stops its vCPU threads.
+#[derive(Debug)]
+pub struct Vm {
+    // Field order is drop order: threads and vCPU fds go before the VM fd and the memory that
+    // the KVM memory slots point at.
+    vcpus: Vec<VcpuHandle>,
+    ctl: Arc<RunControl>,
+    devices: Arc<Devices>,
+    vm: VmFd,
+    _kvm: Kvm,
+    mem: GuestMem,
+    regions: Vec<(u64, u64)>,
+    dirty: DirtyTracker,
+    msr_list: Vec<u32>,
+    cpuid: CpuId,
+    config: VmConfig,
+}
+
+impl Vm {
+    /// Builds a VM and boots the guest program; the vCPUs start paused (call [`Vm::resume`]).
+    pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        let vm = Self::create(config)?;
+        let program = GuestProgram::build()?;
+        let mem = &vm.mem;
+        arch::write_boot_tables(mem).map_err(VmError::Boot)?;
+        mem.write_slice(&program.code, GuestAddress(layout::CODE_ADDR))
+            .map_err(VmError::Boot)?;
+        let tsc_khz = vm.tsc_khz()?;
+        let mut ws_next = layout::WORKSET_ADDR;
+        for (i, w) in config.workloads.iter().enumerate() {
+            let rec = layout::CONFIG_ADDR + i as u64 * layout::VCPU_RECORD_SIZE;
+            let (code, entry, d) = match w {
+                Workload::Idle => (config::WORKLOAD_IDLE, program.idle_entry, None),
+                Workload::Counter => (config::WORKLOAD_COUNTER, program.counter_entry, None),
+                Workload::Dirtier(d) => (config::WORKLOAD_DIRTIER, program.dirtier_entry, Some(d)),
+            };
+            let mut fields = vec![(config::WORKLOAD, code), (config::TSC_KHZ, u64::from(tsc_khz))];
+            if let Some(d) = d {
+                fields.extend([
+                    (config::WS_BASE, ws_next),
+                    (config::WS_PAGES, d.pages),
+                    (config::RATE, d.rate),
+                    (config::LIMIT, d.limit),
+                ]);
+                ws_next += d.pages * layout::PAGE_SIZE;
+            }
+            for (off, v) in fields {
+                mem.write_obj(v, GuestAddress(rec + off)).map_err(VmError::Boot)?;
+            }
+            let stack_top = layout::STACKS_ADDR + (i as u64 + 1) * layout::STACK_SIZE;
+            let fd = vm.vcpus[i].fd.lock();
+            fd.set_cpuid2(&arch::vcpu_cpuid(&vm.cpuid, i as u8, config.workloads.len() as u8))
+                .map_err(kvm_err("SET_CPUID2"))?;
+            let sregs = fd.get_sregs().map_err(kvm_err("GET_SREGS"))?;
+            fd.set_sregs(&arch::long_mode_sregs(sregs)).map_err(kvm_err("SET_SREGS"))?;
+            fd.set_regs(&arch::initial_regs(entry, stack_top, i as u64, rec))
+                .map_err(kvm_err("SET_REGS"))?;
+            let fpu = kvm_fpu {
+                fcw: 0x37f,
+                mxcsr: 0x1f80,
+                ..Default::default()
+            };
+            fd.set_fpu(&fpu).map_err(kvm_err("SET_FPU"))?;
+            fd.set_xcrs(&arch::initial_xcrs()).map_err(kvm_err("SET_XCRS"))?;
+        }
+        Ok(vm)
+    }
+
+    /// Builds a VM from a saved state; `fill` writes the saved guest memory into the new VM's
+    /// memory. The vCPUs start paused (call [`Vm::resume`]). The dirty log starts empty.
+    pub fn restore<E>(
+        config: &VmConfig,
+        state: &VmState,
+        fill: impl FnOnce(&GuestMem) -> Result<(), E>,
+    ) -> Result<Self, VmError>
+    where
+        E: std::fmt::Display,
+    {
+        if state.mem_size != config.mem_size {
+            return Err(crate::state::StateError::Mismatch(format!(
+                "state has {} bytes of memory, the VM {}",
+                state.mem_size, config.mem_size
+            ))
+            .into());
+        }
+        if state.vcpus.len() != config.workloads.len() {
+            return Err(crate::state::StateError::Mismatch(format!(
+                "state has {} vCPUs, the VM {}",
+                state.vcpus.len(),
+                config.workloads.len()
+            ))
+            .into());
+        }
+        let vm = Self::create(config)?;
+        fill(&vm.mem).map_err(|e| VmError::Config(format!("cannot fill guest memory: {e}")))?;
+        for (i, s) in state.vcpus.iter().enumerate() {
+            vm.set_vcpu_state(i, s)?;
+        }
+        vm.devices.nic.lock().set_state(state.nic.clone());
+        vm.devices.set_console_state(state.console.clone());
+        vm.dirty.clear(&vm.vm, &vm.mem)?;
+        Ok(vm)
+    }
+
+    fn create(config: &VmConfig) -> Result<Self, VmError> {
+        validate(config)?;
+        install_kick_handler().map_err(VmError::Threads)?;
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
+        let xsave_size = vm.check_extension_int(Cap::Xsave2);
+        if xsave_size > std::mem::size_of::<kvm_bindings::kvm_xsave>() as i32 {
+            return Err(VmError::Config(format!(
+                "this host's XSAVE area is {xsave_size} bytes; rmc saves the classic 4 KiB area only"
+            )));
+        }
+        let regions = layout::ram_regions(config.mem_size);
+        let ranges: Vec<_> = regions
+            .iter()
+            .map(|&(b, l)| (GuestAddress(b), l as usize))
+            .collect();
+        let mem = GuestMem::from_ranges(&ranges).map_err(|source| VmError::Memory {
+            size: config.mem_size,
+            source,
+        })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the host range is the region's own mmap of `memory_size` bytes, which
+            // `mem` (a field of the returned Vm, dropped after `vm`) keeps mapped for the whole
+            // life of the KVM VM; slots do not overlap.
+            unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
+        }
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
+        let mut fds: Vec<VcpuFd> = (0..config.workloads.len())
+            .map(|i| vm.create_vcpu(i as u64).map_err(kvm_err("CREATE_VCPU")))
+            .collect::<Result<_, _>>()?;
+        // CPUID first: it decides which MSRs exist.
+        for (i, fd) in fds.iter_mut().enumerate() {
+            fd.set_cpuid2(&arch::vcpu_cpuid(&cpuid, i as u8, config.workloads.len() as u8))
+                .map_err(kvm_err("SET_CPUID2"))?;
+        }
+        let msr_list = saveable_msrs(&kvm, &fds[0])?;
+        let nic = match config.nic_addr {
+            Some(addr) => Some(UdpSocket::bind(addr).map_err(|source| VmError::Bind { addr, source })?),
+            None => None,
+        };
+        let nic = Nic::new(nic).map_err(VmError::Threads)?;
+        let devices = Arc::new(Devices::new(mem.clone(), nic, fds.len()));
+        let ctl = Arc::new(RunControl::new(fds.len()));
+        let vcpus = fds
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| VcpuHandle::spawn(i, fd, ctl.clone(), devices.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VmError::Threads)?;
+        debug!(mem = config.mem_size, vcpus = vcpus.len(), msrs = msr_list.len(), "VM created");
+        Ok(Vm {
+            vcpus,
+            ctl,
+            devices,
+            vm,
+            _kvm: kvm,
+            mem,
+            dirty: DirtyTracker::new(regions.clone()),
+            regions,
+            msr_list,
+            cpuid,
+            config: config.clone(),
+        })
+    }
+
+    fn tsc_khz(&self) -> Result<u32, VmError> {
+        self.vcpus[0].fd.lock().get_tsc_khz().map_err(kvm_err("GET_TSC_KHZ"))
+    }
+
+    /// Stops all vCPUs; returns how long that took. Devices are quiet while paused.
+    pub fn pause(&self) -> Duration {
+        let t = Instant::now();
+        self.ctl.pause(&self.vcpus);
+        t.elapsed()
+    }
+
+    /// Lets all vCPUs run.
+    pub fn resume(&self) {
+        self.ctl.resume();
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.ctl.is_paused()
+    }
+
+    fn require_paused(&self, what: &'static str) -> Result<(), VmError> {
+        if self.ctl.is_paused() {
+            Ok(())
+        } else {
+            Err(VmError::NotPaused(what))
+        }
+    }
+
+    /// Saves vCPU and device state. The VM must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        self.require_paused("saving state")?;
+        let vcpus = (0..self.vcpus.len())
+            .map(|i| self.vcpu_state(i))
+            .collect::<Result<_, _>>()?;
+        Ok(VmState {
+            mem_size: self.config.mem_size,
+            vcpus,
+            nic: self.devices.nic.lock().state().clone(),
+            console: self.devices.console_state(),
+        })
+    }
+
+    fn vcpu_state(&self, i: usize) -> Result<VcpuState, VmError> {
+        let fd = self.vcpus[i].fd.lock();
+        let mut msrs = Msrs::from_entries(
+            &self
+                .msr_list
+                .iter()
+                .map(|&index| kvm_bindings::kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|_| VmError::Config("too many MSRs".into()))?;
+        let n = fd.get_msrs(&mut msrs).map_err(kvm_err("GET_MSRS"))?;
+        if n != self.msr_list.len() {
+            return Err(VmError::Msr {
+                vcpu: i,
+                index: self.msr_list[n],
+            });
+        }
+        Ok(VcpuState {
+            cpuid: fd
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(kvm_err("GET_CPUID2"))?
+                .as_slice()
+                .to_vec(),
+            regs: fd.get_regs().map_err(kvm_err("GET_REGS"))?,
+            sregs: fd.get_sregs().map_err(kvm_err("GET_SREGS"))?,
+            xsave: fd.get_xsave().map_err(kvm_err("GET_XSAVE"))?.region.to_vec(),
+            xcrs: fd.get_xcrs().map_err(kvm_err("GET_XCRS"))?,
+            debugregs: fd.get_debug_regs().map_err(kvm_err("GET_DEBUGREGS"))?,
+            msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
+            events: fd.get_vcpu_events().map_err(kvm_err("GET_VCPU_EVENTS"))?,
+            mp_state: fd.get_mp_state().map_err(kvm_err("GET_MP_STATE"))?,
+        })
+    }
+
+    fn set_vcpu_state(&self, i: usize, s: &VcpuState) -> Result<(), VmError> {
+        let fd = self.vcpus[i].fd.lock();
+        let cpuid = CpuId::from_entries(&s.cpuid)
+            .map_err(|_| VmError::Config("saved CPUID has too many entries".into()))?;
+        // Order as in Firecracker: CPUID, MP state, registers, XSAVE, XCRs, debug registers,
+        // MSRs, then events last (they may depend on the rest).
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
+        fd.set_mp_state(s.mp_state).map_err(kvm_err("SET_MP_STATE"))?;
+        fd.set_regs(&s.regs).map_err(kvm_err("SET_REGS"))?;
+        fd.set_sregs(&s.sregs).map_err(kvm_err("SET_SREGS"))?;
+        let mut xsave = kvm_bindings::kvm_xsave::default();
+        if s.xsave.len() != xsave.region.len() {
+            return Err(crate::state::StateError::Mismatch(format!(
+                "XSAVE area has {} words, expected {}",
+                s.xsave.len(),
+                xsave.region.len()
+            ))
+            .into());
+        }
+        xsave.region.copy_from_slice(&s.xsave);
+        // SAFETY: `create` checked that this host's XSAVE area (KVM_CAP_XSAVE2) fits the
+        // 4 KiB `kvm_xsave`, so KVM reads no further than the struct we pass.
+        unsafe { fd.set_xsave(&xsave) }.map_err(kvm_err("SET_XSAVE"))?;
+        fd.set_xcrs(&s.xcrs).map_err(kvm_err("SET_XCRS"))?;
+        fd.set_debug_regs(&s.debugregs).map_err(kvm_err("SET_DEBUGREGS"))?;
+        let entries: Vec<_> = s
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries)
+            .map_err(|_| VmError::Config("saved state has too many MSRs".into()))?;
+        let n = fd.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
+        if n != entries.len() {
+            return Err(VmError::Msr {
+                vcpu: i,
+                index: entries[n].index,
+            });
+        }
+        fd.set_vcpu_events(&s.events).map_err(kvm_err("SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+
+    /// Pages written since the previous harvest, by the guest or by the VMM's devices. Call it
+    /// paused to get a set consistent with [`Vm::save_state`].
+    pub fn harvest_dirty(&self) -> Result<DirtySet, VmError> {
+        Ok(self.dirty.harvest(&self.vm, &self.mem)?)
+    }
+
+    /// Gives back a harvested set that could not be used; the next harvest includes it.
+    pub fn put_back_dirty(&self, set: DirtySet) {
+        self.dirty.put_back(set);
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// RAM regions `(guest physical base, length)`.
+    pub fn regions(&self) -> &[(u64, u64)] {
+        &self.regions
+    }
+
+    /// The configuration the VM was built with.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Where the NIC's socket listens.
+    pub fn nic_addr(&self) -> Option<SocketAddr> {
+        self.devices.nic.lock().local_addr()
+    }
+
+    /// NIC counters.
+    pub fn nic_stats(&self) -> crate::nic::NicStats {
+        self.devices.nic.lock().state().stats
+    }
+
+    /// The counter service's state, read from guest memory.
+    pub fn guest_status(&self) -> GuestStatus {
+        let read = |off: u64| -> u64 {
+            self.mem
+                .read_obj(GuestAddress(layout::COUNTER_STATE_ADDR + off))
+                .unwrap_or(0)
+        };
+        GuestStatus {
+            counter: read(0),
+            requests: read(8),
+            repeats: read(16),
+            bad: read(24),
+        }
+    }
+
+    /// Whether vCPU `i`'s workload has initialised.
+    pub fn vcpu_ready(&self, i: usize) -> bool {
+        self.read_status(i, status::READY) != 0
+    }
+
+    /// Page writes the dirtier on vCPU `i` has done.
+    pub fn dirtier_progress(&self, i: usize) -> u64 {
+        self.read_status(i, status::PROGRESS)
+    }
+
+    fn read_status(&self, i: usize, off: u64) -> u64 {
+        self.mem
+            .read_obj(GuestAddress(
+                layout::STATUS_ADDR + i as u64 * layout::VCPU_RECORD_SIZE + off,
+            ))
+            .unwrap_or(0)
+    }
+
+    /// Guest physical range `(base, pages)` of the dirtier working set of vCPU `i`.
+    pub fn dirtier_working_set(&self, i: usize) -> (u64, u64) {
+        let rec = layout::CONFIG_ADDR + i as u64 * layout::VCPU_RECORD_SIZE;
+        let base = self.mem.read_obj(GuestAddress(rec + config::WS_BASE)).unwrap_or(0);
+        let pages = self.mem.read_obj(GuestAddress(rec + config::WS_PAGES)).unwrap_or(0);
+        (base, pages)
+    }
+
+    /// Console lines the guest printed (most recent last).
+    pub fn console_lines(&self) -> Vec<String> {
+        self.devices.console_lines()
+    }
+
+    /// vCPUs that stopped for good, with the reason.
+    pub fn stopped_vcpus(&self) -> Vec<(usize, String)> {
+        self.devices.stopped_vcpus()
+    }
+
+    /// A copy of all guest memory, region by region.
+    pub fn memory_image(&self) -> Vec<(u64, Vec<u8>)> {
+        self.mem
+            .iter()
+            .map(|r| {
+                let mut buf = vec![0u8; r.len() as usize];
+                self.mem
+                    .read_slice(&mut buf, r.start_addr())
+                    .expect("a region reads within itself");
+                (r.start_addr().0, buf)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.ctl.exit(&self.vcpus);
+        for v in &mut self.vcpus {
+            v.join();
+        }
+        if self.ctl.stopped() > 0 {
+            warn!("VM dropped with stopped vCPUs: {:?}", self.stopped_vcpus());
+        }
+    }
+}
+
+fn validate(c: &VmConfig) -> Result<(), VmError> {
+    let bad = |m: String| Err(VmError::Config(m));
+    if c.mem_size < layout::MIN_MEM_SIZE || c.mem_size > layout::MAX_MEM_SIZE {
+        return bad(format!(
+            "memory must be between {} MiB and {} GiB, not {} bytes",
+            layout::MIN_MEM_SIZE >> 20,
+            layout::MAX_MEM_SIZE >> 30,
+            c.mem_size
+        ));
+    }
+    if c.mem_size % (2 << 20) != 0 {
+        return bad(format!("memory must be a multiple of 2 MiB, not {} bytes", c.mem_size));
+    }
+    if c.workloads.is_empty() || c.workloads.len() > MAX_VCPUS {
+        return bad(format!(
+            "a VM has 1 to {MAX_VCPUS} vCPUs, not {}",
+            c.workloads.len()
+        ));
+    }
+    if c.workloads.iter().filter(|w| **w == Workload::Counter).count() > 1 {
+        return bad("only one vCPU can run the counter service (it owns the NIC)".into());
+    }
+    let low_end = c.mem_size.min(layout::LOW_RAM_END);
+    let mut ws = layout::WORKSET_ADDR;
+    for w in &c.workloads {
+        if let Workload::Dirtier(d) = w {
+            if d.pages == 0 {
+                return bad("a dirtier needs a working set of at least one page".into());
+            }
+            ws += d.pages * layout::PAGE_SIZE;
+        }
+    }
+    if ws > low_end {
+        return bad(format!(
+            "the dirtier working sets need {} MiB above {} MiB, but the guest has only {} MiB there",
+            (ws - layout::WORKSET_ADDR) >> 20,
+            layout::WORKSET_ADDR >> 20,
+            (low_end - layout::WORKSET_ADDR) >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// MSRs that KVM lists as saveable and that this vCPU can actually read.
+fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, VmError> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("GET_MSR_INDEX_LIST"))?;
+    let mut out = Vec::new();
+    for &index in list.as_slice() {
+        let mut one = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .expect("one entry fits");
+        if vcpu.get_msrs(&mut one).map(|n| n == 1).unwrap_or(false) {
+            out.push(index);
+        } else {
+            debug!(index = format_args!("{index:#x}"), "MSR listed but not readable; not saved");
+        }
+    }
+    Ok(out)
+}
