@@ -484,6 +484,3 @@ mod tests {
         assert_ne!(p.dirtier_entry, p.idle_entry);
     }
 }
-#[cfg(test)]
-#[test]
-fn dump_code_tmp() { std::fs::write("/tmp/guest.bin", GuestProgram::build().unwrap().code).unwrap(); }

@@ -344,6 +344,19 @@ impl Vm {
         self.vcpus[0].fd.lock().get_tsc_khz().map_err(kvm_err("GET_TSC_KHZ"))
     }
 
+    /// Loads extra code into guest memory and points vCPU `i` at it, for tests that need a
+    /// guest which misbehaves on purpose. The VM must be paused and not yet have run.
+    pub fn load_custom_entry(&self, i: usize, addr: u64, code: &[u8]) -> Result<(), VmError> {
+        self.require_paused("loading code")?;
+        self.mem
+            .write_slice(code, GuestAddress(addr))
+            .map_err(VmError::Boot)?;
+        let fd = self.vcpus[i].fd.lock();
+        let mut regs = fd.get_regs().map_err(kvm_err("GET_REGS"))?;
+        regs.rip = addr;
+        fd.set_regs(&regs).map_err(kvm_err("SET_REGS"))
+    }
+
     /// Stops all vCPUs; returns how long that took. Devices are quiet while paused.
     pub fn pause(&self) -> Duration {
         let t = Instant::now();
@@ -624,7 +637,8 @@ fn validate(c: &VmConfig) -> Result<(), VmError> {
     Ok(())
 }
 
-/// MSRs that KVM lists as saveable and that this vCPU can actually read.
+/// MSRs that KVM lists as saveable and that this vCPU can read and write back (some hosts
+/// list MSRs they then refuse to restore, e.g. MSR_KVM_POLL_CONTROL under PVM).
 fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, VmError> {
     let list = kvm
         .get_msr_index_list()
@@ -636,10 +650,14 @@ fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, VmError> {
             ..Default::default()
         }])
         .expect("one entry fits");
-        if vcpu.get_msrs(&mut one).map(|n| n == 1).unwrap_or(false) {
+        let readable = vcpu.get_msrs(&mut one).map(|n| n == 1).unwrap_or(false);
+        if readable && vcpu.set_msrs(&one).map(|n| n == 1).unwrap_or(false) {
             out.push(index);
         } else {
-            debug!(index = format_args!("{index:#x}"), "MSR listed but not readable; not saved");
+            debug!(
+                index = format_args!("{index:#x}"),
+                readable, "MSR listed by KVM but cannot be saved and restored here; skipped"
+            );
         }
     }
     Ok(out)

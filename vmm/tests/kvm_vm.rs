@@ -1,0 +1,363 @@
+//! VM tests that need KVM: snapshot/restore, determinism, dirty tracking, put-back, and a
+//! guest that feeds the NIC malformed descriptors.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use common::{init_logs, kvm_available, wait_for};
+use rmc_vmm::layout::{self, PAGE_SIZE};
+use rmc_vmm::service::{Client, Reply};
+use rmc_vmm::{DirtierConfig, Vm, VmConfig, VmState, Workload};
+use vm_memory::{Bytes, GuestAddress};
+
+const T: Duration = Duration::from_secs(20);
+
+fn config(workloads: Vec<Workload>) -> VmConfig {
+    VmConfig {
+        mem_size: 64 << 20,
+        workloads,
+        nic_addr: Some("127.0.0.1:0".parse().unwrap()),
+    }
+}
+
+fn restore_from(cfg: &VmConfig, state: &VmState, image: &[(u64, Vec<u8>)]) -> Vm {
+    // Through the wire format, as a standby would receive it.
+    let state = VmState::decode(&state.encode()).expect("state decodes");
+    Vm::restore(cfg, &state, |mem| {
+        for (base, bytes) in image {
+            mem.write_slice(bytes, GuestAddress(*base))?;
+        }
+        Ok::<_, vm_memory::GuestMemoryError>(())
+    })
+    .expect("restore")
+}
+
+fn read_range(vm: &Vm, addr: u64, len: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len as usize];
+    vm.memory().read_slice(&mut v, GuestAddress(addr)).unwrap();
+    v
+}
+
+/// Guest-visible results of the counter and the dirtier: service state, client table, and
+/// the dirtier's working set (not the NIC buffers, which hold the client's port).
+fn guest_results(vm: &Vm, dirtier_vcpu: usize) -> Vec<u8> {
+    let (ws, pages) = vm.dirtier_working_set(dirtier_vcpu);
+    let mut v = read_range(vm, layout::COUNTER_STATE_ADDR, 32);
+    v.extend(read_range(vm, layout::CLIENT_TABLE_ADDR, layout::CLIENT_TABLE_ENTRIES * 32));
+    v.extend(read_range(vm, ws, pages * PAGE_SIZE));
+    v
+}
+
+#[test]
+fn snapshot_restore_continues_counter_and_dirtier() {
+    if !kvm_available("snapshot_restore_continues_counter_and_dirtier") {
+        return;
+    }
+    init_logs();
+    let cfg = config(vec![
+        Workload::Counter,
+        Workload::Dirtier(DirtierConfig { pages: 512, rate: 20_000, limit: 0 }),
+    ]);
+    let vm = Vm::new(&cfg).unwrap();
+    vm.resume();
+    let mut client = Client::new(vm.nic_addr().unwrap(), 42).unwrap();
+    let mut last = None;
+    for _ in 0..25 {
+        last = Some(client.request(T, |_| {}).unwrap().0);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.counter, 25);
+    wait_for("dirtier progress", T, || vm.dirtier_progress(1) > 1000);
+
+    vm.pause();
+    let state = vm.save_state().unwrap();
+    let image = vm.memory_image();
+    let progress = vm.dirtier_progress(1);
+    assert_eq!(vm.guest_status().counter, 25);
+    drop(vm);
+
+    let vm = restore_from(&cfg, &state, &image);
+    assert_eq!(vm.dirtier_progress(1), progress);
+    vm.resume();
+    // A new NIC socket: the client follows it, the guest's state carries on.
+    let mut client2 = Client::new(vm.nic_addr().unwrap(), 42).unwrap();
+    let (again, _) = client2.repeat(25, T, |_| {}).unwrap();
+    assert_eq!(again, last, "a repeat after restore gets the very same reply");
+    let (next, _) = client2.repeat(26, T, |_| {}).unwrap();
+    assert_eq!(next.status, rmc_vmm::guest::STATUS_OK);
+    assert_eq!(next.counter, 26, "the counter continues from its saved value");
+    wait_for("dirtier continues after restore", T, || {
+        vm.dirtier_progress(1) > progress + 500
+    });
+    assert!(vm.stopped_vcpus().is_empty(), "{:?}", vm.stopped_vcpus());
+}
+
+/// Runs the counter with requests `seqs` and returns the replies.
+fn requests(vm: &Vm, client_id: u64, seqs: std::ops::RangeInclusive<u64>) -> Vec<Reply> {
+    let mut c = Client::new(vm.nic_addr().unwrap(), client_id).unwrap();
+    seqs.map(|s| c.repeat(s, T, |_| {}).unwrap().0).collect()
+}
+
+#[test]
+fn restored_run_matches_uninterrupted_run() {
+    if !kvm_available("restored_run_matches_uninterrupted_run") {
+        return;
+    }
+    init_logs();
+    const LIMIT: u64 = 6000;
+    let cfg = config(vec![
+        Workload::Counter,
+        Workload::Dirtier(DirtierConfig { pages: 700, rate: 0, limit: LIMIT }),
+    ]);
+
+    // Uninterrupted.
+    let a = Vm::new(&cfg).unwrap();
+    a.resume();
+    let replies_a = requests(&a, 7, 1..=30);
+    wait_for("dirtier reaches its limit", T, || a.dirtier_progress(1) == LIMIT);
+    a.pause();
+    let results_a = guest_results(&a, 1);
+    drop(a);
+
+    // Snapshotted mid-way (dirtier running, counter half done), restored, finished.
+    let b = Vm::new(&cfg).unwrap();
+    b.resume();
+    let mut replies_b = requests(&b, 7, 1..=15);
+    wait_for("dirtier mid-way", T, || b.dirtier_progress(1) >= 1000);
+    b.pause();
+    let mid = b.dirtier_progress(1);
+    assert!(mid < LIMIT, "snapshot must be taken while the dirtier still runs");
+    let state = b.save_state().unwrap();
+    let image = b.memory_image();
+    drop(b);
+    let c = restore_from(&cfg, &state, &image);
+    c.resume();
+    replies_b.extend(requests(&c, 7, 16..=30));
+    wait_for("restored dirtier reaches its limit", T, || c.dirtier_progress(1) == LIMIT);
+    c.pause();
+    let results_b = guest_results(&c, 1);
+
+    assert_eq!(replies_a, replies_b, "replies differ between the two runs");
+    assert_eq!(replies_a.last().unwrap().counter, 30);
+    assert!(results_a == results_b, "guest memory results differ between the two runs");
+}
+
+fn page(addr: u64) -> u64 {
+    addr & !(PAGE_SIZE - 1)
+}
+
+fn pages_of(start: u64, len: u64) -> impl Iterator<Item = u64> {
+    (page(start)..start + len).step_by(PAGE_SIZE as usize)
+}
+
+fn page_table_pages() -> BTreeSet<u64> {
+    (0..layout::PD_COUNT)
+        .map(|i| layout::PD_ADDR + i * PAGE_SIZE)
+        .chain([layout::PML4_ADDR, layout::PDPT_ADDR])
+        .collect()
+}
+
+#[test]
+fn dirty_set_is_exactly_guest_writes_union_device_writes() {
+    if !kvm_available("dirty_set_is_exactly_guest_writes_union_device_writes") {
+        return;
+    }
+    init_logs();
+    const WS_PAGES: u64 = 300;
+    let cfg = config(vec![
+        Workload::Counter,
+        Workload::Dirtier(DirtierConfig { pages: WS_PAGES, rate: 0, limit: WS_PAGES }),
+    ]);
+    let vm = Vm::new(&cfg).unwrap();
+    let code_len = {
+        let p = rmc_vmm::guest::GuestProgram::build().unwrap();
+        p.code.len() as u64
+    };
+    vm.resume();
+    wait_for("both workloads ready, dirtier done", T, || {
+        vm.vcpu_ready(0) && vm.vcpu_ready(1) && vm.dirtier_progress(1) == WS_PAGES
+    });
+    vm.pause();
+
+    // Phase 1: everything since boot. VMM writes (boot tables, code, config) + guest init
+    // writes (status records, stacks, NIC rings) + device writes (used indices) + the
+    // dirtier's working set, each page once.
+    let got: BTreeSet<u64> = vm.harvest_dirty().unwrap().pages().map(|g| g.0).collect();
+    let (ws, _) = vm.dirtier_working_set(1);
+    let mut want: BTreeSet<u64> = page_table_pages();
+    want.insert(layout::GDT_ADDR);
+    want.extend(pages_of(layout::CODE_ADDR, code_len));
+    want.insert(layout::CONFIG_ADDR);
+    want.insert(layout::STATUS_ADDR);
+    for i in 0..2 {
+        want.insert(layout::STACKS_ADDR + (i + 1) * layout::STACK_SIZE - PAGE_SIZE);
+    }
+    want.insert(layout::TX_RING_ADDR);
+    want.insert(layout::RX_RING_ADDR);
+    want.extend(pages_of(ws, WS_PAGES * PAGE_SIZE));
+    assert_eq!(got, want, "phase 1 dirty set");
+
+    // Phase 2: three requests. The guest writes its TX buffers, rings, client table and
+    // counter state; the device writes RX buffers (the guest never writes those: only
+    // vm-memory's bitmap can report them) and the used indices.
+    vm.resume();
+    let replies = requests(&vm, 99, 1..=3);
+    assert_eq!(replies[2].counter, 3);
+    vm.pause();
+    let got: BTreeSet<u64> = vm.harvest_dirty().unwrap().pages().map(|g| g.0).collect();
+    let mut want: BTreeSet<u64> = [
+        layout::TX_RING_ADDR,
+        layout::RX_RING_ADDR,
+        layout::COUNTER_STATE_ADDR,
+    ]
+    .into();
+    for i in 0..3u64 {
+        want.insert(page(layout::TX_BUF_ADDR + i * u64::from(layout::NIC_BUF_SIZE)));
+        want.insert(page(layout::RX_BUF_ADDR + i * u64::from(layout::NIC_BUF_SIZE)));
+    }
+    // The client's table entry: find it by scanning the table for client 99.
+    let table = read_range(&vm, layout::CLIENT_TABLE_ADDR, layout::CLIENT_TABLE_ENTRIES * 32);
+    let slot = table
+        .chunks(32)
+        .position(|e| u64::from_le_bytes(e[..8].try_into().unwrap()) == 99)
+        .expect("client 99 in the table") as u64;
+    want.insert(page(layout::CLIENT_TABLE_ADDR + slot * 32));
+    // The first touch of the client table's 2 MiB page sets its accessed/dirty bits, which
+    // dirties a page-directory page.
+    let pts = page_table_pages();
+    let got_without_pt: BTreeSet<u64> = got.difference(&pts).copied().collect();
+    assert_eq!(got_without_pt, want, "phase 2 dirty set (page-table pages aside)");
+    assert!(got.contains(&layout::RX_BUF_ADDR), "device (RX) writes are tracked");
+
+    // Phase 3: nothing ran, nothing is dirty.
+    assert!(vm.harvest_dirty().unwrap().is_empty());
+}
+
+#[test]
+fn put_back_loses_no_page() {
+    if !kvm_available("put_back_loses_no_page") {
+        return;
+    }
+    init_logs();
+    let cfg = config(vec![
+        Workload::Counter,
+        Workload::Dirtier(DirtierConfig { pages: 256, rate: 0, limit: 0 }),
+    ]);
+    let vm = Vm::new(&cfg).unwrap();
+    vm.resume();
+    wait_for("dirtier running", T, || vm.dirtier_progress(1) > 300);
+    vm.pause();
+    vm.harvest_dirty().unwrap();
+    vm.resume();
+    wait_for("more writes", T, || vm.dirtier_progress(1) > 1000);
+    vm.pause();
+    let first = vm.harvest_dirty().unwrap();
+    assert!(first.len() >= 256, "the whole working set was rewritten: {}", first.len());
+    // The epoch that harvested `first` failed: hand it back.
+    vm.put_back_dirty(first.clone());
+    vm.resume();
+    requests(&vm, 5, 1..=2);
+    vm.pause();
+    let second = vm.harvest_dirty().unwrap();
+    for p in first.pages() {
+        assert!(second.contains(p.0), "page {:#x} lost after put-back", p.0);
+    }
+    assert!(second.contains(layout::RX_BUF_ADDR), "new writes are there too");
+    // Put back twice (two failed epochs in a row): still nothing lost.
+    vm.put_back_dirty(second.clone());
+    vm.put_back_dirty(first.clone());
+    let third = vm.harvest_dirty().unwrap();
+    let mut union = first.clone();
+    union.union_with(&second);
+    for p in union.pages() {
+        assert!(third.contains(p.0), "page {:#x} lost after two put-backs", p.0);
+    }
+}
+
+/// A guest that hands the NIC malformed TX descriptors, then a good one, then keeps counting.
+fn abusive_guest(base: u64, peer_port: u16) -> Vec<u8> {
+    use iced_x86::code_asm::*;
+    use layout::ports;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let out = |a: &mut CodeAssembler, port: u16, value: u32| {
+        a.mov(dx, port as u32).unwrap();
+        a.mov(eax, value).unwrap();
+        a.out(dx, eax).unwrap();
+    };
+    out(&mut a, ports::NIC_TX_RING, layout::TX_RING_ADDR as u32);
+    out(&mut a, ports::NIC_RX_RING, layout::RX_RING_ADDR as u32);
+    out(&mut a, ports::NIC_RING_SIZE, 8);
+    // A good frame in TX buffer 0: header (IPv4 127.0.0.1:peer_port) + "hi".
+    a.mov(rdi, layout::TX_BUF_ADDR).unwrap();
+    a.mov(dword_ptr(rdi), 4 | (u32::from(peer_port) << 16)).unwrap();
+    a.mov(dword_ptr(rdi + 4), u32::from_le_bytes([127, 0, 0, 1])).unwrap();
+    a.mov(word_ptr(rdi + 20), u32::from(u16::from_le_bytes(*b"hi"))).unwrap();
+    // A frame with an unknown address family in TX buffer 1.
+    a.mov(dword_ptr(rdi + 2048), 9).unwrap();
+    let descs: [(u64, u32); 4] = [
+        (0xff_0000_0000, 64),        // outside guest memory
+        (layout::TX_BUF_ADDR, 1 << 20), // longer than any frame
+        (layout::TX_BUF_ADDR + 2048, 30), // bad header
+        (layout::TX_BUF_ADDR, 22),    // good
+    ];
+    a.mov(rsi, layout::TX_RING_ADDR).unwrap();
+    for (i, (addr, len)) in descs.iter().enumerate() {
+        a.mov(rax, *addr).unwrap();
+        a.mov(qword_ptr(rsi + 16 * i), rax).unwrap();
+        a.mov(dword_ptr(rsi + 16 * i + 8), *len).unwrap();
+    }
+    out(&mut a, ports::NIC_TX_DOORBELL, descs.len() as u32);
+    // A doorbell that runs more than a ring ahead is refused too.
+    out(&mut a, ports::NIC_TX_DOORBELL, 1000);
+    // Keep running: count in the status record of vCPU 0 (PROGRESS).
+    let mut lp = a.create_label();
+    a.mov(rbx, layout::STATUS_ADDR).unwrap();
+    a.set_label(&mut lp).unwrap();
+    a.inc(qword_ptr(rbx + layout::status::PROGRESS)).unwrap();
+    a.jmp(lp).unwrap();
+    a.assemble(base).unwrap()
+}
+
+#[test]
+fn malformed_nic_descriptors_are_refused_and_guest_keeps_running() {
+    if !kvm_available("malformed_nic_descriptors_are_refused_and_guest_keeps_running") {
+        return;
+    }
+    init_logs();
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(T)).unwrap();
+    let vm = Vm::new(&config(vec![Workload::Idle])).unwrap();
+    let base = layout::CODE_ADDR + 0x1_8000;
+    vm.load_custom_entry(0, base, &abusive_guest(base, peer.local_addr().unwrap().port()))
+        .unwrap();
+    vm.resume();
+    let mut buf = [0u8; 64];
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hi");
+    assert_eq!(from, vm.nic_addr().unwrap());
+    wait_for("guest keeps running", T, || vm.dirtier_progress(0) > 1000);
+    let p = vm.dirtier_progress(0);
+    wait_for("guest still running", T, || vm.dirtier_progress(0) > p + 1000);
+    vm.pause();
+    let stats = vm.nic_stats();
+    assert_eq!(stats.tx_refused, 3);
+    assert_eq!(stats.tx_frames, 1);
+    let status = |i: u64| -> u16 {
+        vm.memory()
+            .read_obj(GuestAddress(layout::TX_RING_ADDR + 16 * i + layout::ring::DESC_STATUS))
+            .unwrap()
+    };
+    assert_eq!(
+        [status(0), status(1), status(2), status(3)],
+        [
+            layout::ring::STATUS_REFUSED,
+            layout::ring::STATUS_REFUSED,
+            layout::ring::STATUS_REFUSED,
+            layout::ring::STATUS_OK
+        ]
+    );
+    assert!(vm.stopped_vcpus().is_empty());
+}
