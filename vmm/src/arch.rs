@@ -111,7 +111,8 @@ pub fn vcpu_cpuid(supported: &CpuId, vcpu: u8, vcpus: u8) -> CpuId {
         match entry.function {
             1 => {
                 // EBX[31:24] initial APIC id, EBX[23:16] logical processor count.
-                entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(vcpu) << 24) | (u32::from(vcpus) << 16);
+                entry.ebx =
+                    (entry.ebx & 0x0000_ffff) | (u32::from(vcpu) << 24) | (u32::from(vcpus) << 16);
             }
             0xb | 0x1f => entry.edx = u32::from(vcpu),
             _ => {}

@@ -67,7 +67,10 @@ impl Devices {
             ports::CONSOLE => self.console_byte(vcpu, value as u8),
             ports::NIC_TX_RING..=ports::NIC_RX_DOORBELL => {
                 if size != 4 {
-                    warn!(vcpu, port, size, "NIC registers take 32-bit writes; ignored");
+                    warn!(
+                        vcpu,
+                        port, size, "NIC registers take 32-bit writes; ignored"
+                    );
                 } else {
                     self.nic.lock().write_register(port, value, &self.mem);
                 }
@@ -90,7 +93,12 @@ impl Devices {
             ports::GUEST_PANIC => {
                 return OutResult::Stop(format!("the guest reported internal error {value}"));
             }
-            _ => warn!(vcpu, port = format_args!("{port:#x}"), value, "write to an unhandled port ignored"),
+            _ => warn!(
+                vcpu,
+                port = format_args!("{port:#x}"),
+                value,
+                "write to an unhandled port ignored"
+            ),
         }
         OutResult::Continue
     }

@@ -56,7 +56,12 @@ impl DirtySet {
     pub fn len(&self) -> usize {
         self.regions
             .iter()
-            .map(|r| r.bits.iter().map(|w| w.count_ones() as usize).sum::<usize>())
+            .map(|r| {
+                r.bits
+                    .iter()
+                    .map(|w| w.count_ones() as usize)
+                    .sum::<usize>()
+            })
             .sum()
     }
 
@@ -159,7 +164,10 @@ impl DirtyTracker {
             or_into(&mut region.bits, &kvm);
             if let Some(r) = mem.find_region(GuestAddress(region.base)) {
                 // The region derefs to its MmapRegion, whose `bitmap()` is the whole AtomicBitmap.
-                or_into(&mut region.bits, &std::ops::Deref::deref(r).bitmap().get_and_reset());
+                or_into(
+                    &mut region.bits,
+                    &std::ops::Deref::deref(r).bitmap().get_and_reset(),
+                );
             }
         }
         if let Some(back) = self.put_back.lock().take() {

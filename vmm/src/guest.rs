@@ -146,7 +146,10 @@ impl GuestProgram {
             BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
         )?;
         let code = result.inner.code_buffer.clone();
-        assert!(code.len() as u64 <= layout::CODE_MAX, "guest code too large");
+        assert!(
+            code.len() as u64 <= layout::CODE_MAX,
+            "guest code too large"
+        );
         Ok(GuestProgram {
             counter_entry: result.label_ip(&counter)?,
             dirtier_entry: result.label_ip(&dirtier)?,

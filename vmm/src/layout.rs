@@ -168,9 +168,6 @@ pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
     if mem_size <= LOW_RAM_END {
         vec![(0, mem_size)]
     } else {
-        vec![
-            (0, LOW_RAM_END),
-            (HIGH_RAM_START, mem_size - LOW_RAM_END),
-        ]
+        vec![(0, LOW_RAM_END), (HIGH_RAM_START, mem_size - LOW_RAM_END)]
     }
 }

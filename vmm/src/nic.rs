@@ -203,7 +203,7 @@ impl Nic {
 
     fn enable(&mut self, size: u32, mem: &GuestMem) {
         let ring_ok = |addr: u64| {
-            addr != 0 && addr % 4096 == 0 && mem.get_slice(GuestAddress(addr), 4096).is_ok()
+            addr != 0 && addr.is_multiple_of(4096) && mem.get_slice(GuestAddress(addr), 4096).is_ok()
         };
         if !size.is_power_of_two() || size > MAX_RING_SIZE {
             error!(size, "NIC: ring size must be a power of two up to {MAX_RING_SIZE}; device stays disabled");
@@ -293,7 +293,9 @@ impl Nic {
     ) -> Result<SocketAddr, DescriptorError> {
         let desc = Self::desc_addr(self.state.tx_ring, self.state.size, index);
         let addr: u64 = mem.read_obj(desc).unwrap_or(u64::MAX);
-        let len: u32 = mem.read_obj(desc.unchecked_add(ring::DESC_LEN)).unwrap_or(0);
+        let len: u32 = mem
+            .read_obj(desc.unchecked_add(ring::DESC_LEN))
+            .unwrap_or(0);
         if (len as usize) < HEADER_LEN || len as usize > MAX_FRAME {
             return Err(DescriptorError::BadLength {
                 index,
@@ -305,7 +307,8 @@ impl Nic {
         frame.resize(len as usize, 0);
         mem.read_slice(frame, GuestAddress(addr))
             .map_err(|_| DescriptorError::OutsideMemory { index, addr, len })?;
-        decode_header(&frame[..HEADER_LEN]).map_err(|family| DescriptorError::BadFamily { index, family })
+        decode_header(&frame[..HEADER_LEN])
+            .map_err(|family| DescriptorError::BadFamily { index, family })
     }
 
     fn send(&self, payload: &[u8], dest: SocketAddr) {
@@ -333,7 +336,9 @@ impl Nic {
             let index = self.state.rx_used;
             let desc = Self::desc_addr(self.state.rx_ring, self.state.size, index);
             let addr: u64 = mem.read_obj(desc).unwrap_or(u64::MAX);
-            let cap: u32 = mem.read_obj(desc.unchecked_add(ring::DESC_LEN)).unwrap_or(0);
+            let cap: u32 = mem
+                .read_obj(desc.unchecked_add(ring::DESC_LEN))
+                .unwrap_or(0);
             let frame_len = HEADER_LEN + n;
             if frame_len > cap as usize {
                 warn!(from = %from, len = n, cap, "NIC: datagram larger than the guest's buffer dropped");
@@ -350,12 +355,20 @@ impl Nic {
                 Err(_) => {
                     error!(
                         "NIC: RX refused: {}",
-                        DescriptorError::OutsideMemory { index, addr, len: cap }
+                        DescriptorError::OutsideMemory {
+                            index,
+                            addr,
+                            len: cap
+                        }
                     );
                     ring::STATUS_REFUSED
                 }
             };
-            let len = if status == ring::STATUS_OK { frame_len as u32 } else { 0 };
+            let len = if status == ring::STATUS_OK {
+                frame_len as u32
+            } else {
+                0
+            };
             self.finish(self.state.rx_ring, index, Some(len), status, mem);
             self.state.rx_used = index.wrapping_add(1);
         }

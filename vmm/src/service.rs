@@ -398,10 +398,22 @@ mod tests {
         let mut c = Checker::new(7, true);
         c.sent(5);
         c.check(&reply(1, 10)).unwrap();
-        assert!(matches!(c.check(&reply(1, 11)), Err(Inconsistency::RepeatDiffers { .. })));
-        assert!(matches!(c.check(&reply(2, 10)), Err(Inconsistency::NotRising { .. })));
-        assert!(matches!(c.check(&reply(2, 12)), Err(Inconsistency::NotByOne { .. })));
-        assert!(matches!(c.check(&reply(9, 11)), Err(Inconsistency::Unexpected { .. })));
+        assert!(matches!(
+            c.check(&reply(1, 11)),
+            Err(Inconsistency::RepeatDiffers { .. })
+        ));
+        assert!(matches!(
+            c.check(&reply(2, 10)),
+            Err(Inconsistency::NotRising { .. })
+        ));
+        assert!(matches!(
+            c.check(&reply(2, 12)),
+            Err(Inconsistency::NotByOne { .. })
+        ));
+        assert!(matches!(
+            c.check(&reply(9, 11)),
+            Err(Inconsistency::Unexpected { .. })
+        ));
         let mut bad = reply(2, 11);
         bad.status = 2;
         assert!(matches!(c.check(&bad), Err(Inconsistency::Status { .. })));

@@ -5,8 +5,7 @@
 //! change of the layout below; a decoder refuses any other version with an error naming both.
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
 use serde::{Deserialize, Serialize};
 
@@ -116,9 +115,11 @@ mod tests {
     use super::*;
 
     fn sample() -> VmState {
-        let mut regs = kvm_regs::default();
-        regs.rip = 0x2_0000;
-        regs.rax = 42;
+        let regs = kvm_regs {
+            rip: 0x2_0000,
+            rax: 42,
+            ..Default::default()
+        };
         let mut xsave = vec![0u32; 1024];
         xsave[7] = 0xdead_beef;
         VmState {
@@ -172,6 +173,9 @@ mod tests {
         ));
         let mut long = enc.clone();
         long.push(0);
-        assert!(matches!(VmState::decode(&long), Err(StateError::Mismatch(_))));
+        assert!(matches!(
+            VmState::decode(&long),
+            Err(StateError::Mismatch(_))
+        ));
     }
 }

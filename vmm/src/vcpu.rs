@@ -250,13 +250,7 @@ impl Waker<'_> {
     }
 }
 
-fn run_vcpu(
-    id: usize,
-    fd: &Mutex<VcpuFd>,
-    kick: &EventFd,
-    ctl: &RunControl,
-    devices: &Devices,
-) {
+fn run_vcpu(id: usize, fd: &Mutex<VcpuFd>, kick: &EventFd, ctl: &RunControl, devices: &Devices) {
     let mut vcpu = fd.lock();
     KVM_RUN.with(|r| r.set(vcpu.get_kvm_run()));
     let waker = Waker { kick, ctl };
@@ -319,7 +313,11 @@ fn run_vcpu(
         };
         if let Some(why) = fatal {
             let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-            error!(vcpu = id, rip = format_args!("{rip:#x}"), "vCPU stopped: {why}");
+            error!(
+                vcpu = id,
+                rip = format_args!("{rip:#x}"),
+                "vCPU stopped: {why}"
+            );
             devices.note_stopped(id, why);
             parking_lot::MutexGuard::unlocked(&mut vcpu, || ctl.stop());
             break;

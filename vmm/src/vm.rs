@@ -198,7 +198,10 @@ impl Vm {
                 Workload::Counter => (config::WORKLOAD_COUNTER, program.counter_entry, None),
                 Workload::Dirtier(d) => (config::WORKLOAD_DIRTIER, program.dirtier_entry, Some(d)),
             };
-            let mut fields = vec![(config::WORKLOAD, code), (config::TSC_KHZ, u64::from(tsc_khz))];
+            let mut fields = vec![
+                (config::WORKLOAD, code),
+                (config::TSC_KHZ, u64::from(tsc_khz)),
+            ];
             if let Some(d) = d {
                 fields.extend([
                     (config::WS_BASE, ws_next),
@@ -209,14 +212,20 @@ impl Vm {
                 ws_next += d.pages * layout::PAGE_SIZE;
             }
             for (off, v) in fields {
-                mem.write_obj(v, GuestAddress(rec + off)).map_err(VmError::Boot)?;
+                mem.write_obj(v, GuestAddress(rec + off))
+                    .map_err(VmError::Boot)?;
             }
             let stack_top = layout::STACKS_ADDR + (i as u64 + 1) * layout::STACK_SIZE;
             let fd = vm.vcpus[i].fd.lock();
-            fd.set_cpuid2(&arch::vcpu_cpuid(&vm.cpuid, i as u8, config.workloads.len() as u8))
-                .map_err(kvm_err("SET_CPUID2"))?;
+            fd.set_cpuid2(&arch::vcpu_cpuid(
+                &vm.cpuid,
+                i as u8,
+                config.workloads.len() as u8,
+            ))
+            .map_err(kvm_err("SET_CPUID2"))?;
             let sregs = fd.get_sregs().map_err(kvm_err("GET_SREGS"))?;
-            fd.set_sregs(&arch::long_mode_sregs(sregs)).map_err(kvm_err("SET_SREGS"))?;
+            fd.set_sregs(&arch::long_mode_sregs(sregs))
+                .map_err(kvm_err("SET_SREGS"))?;
             fd.set_regs(&arch::initial_regs(entry, stack_top, i as u64, rec))
                 .map_err(kvm_err("SET_REGS"))?;
             let fpu = kvm_fpu {
@@ -225,7 +234,8 @@ impl Vm {
                 ..Default::default()
             };
             fd.set_fpu(&fpu).map_err(kvm_err("SET_FPU"))?;
-            fd.set_xcrs(&arch::initial_xcrs()).map_err(kvm_err("SET_XCRS"))?;
+            fd.set_xcrs(&arch::initial_xcrs())
+                .map_err(kvm_err("SET_XCRS"))?;
         }
         Ok(vm)
     }
@@ -307,12 +317,18 @@ impl Vm {
             .collect::<Result<_, _>>()?;
         // CPUID first: it decides which MSRs exist.
         for (i, fd) in fds.iter_mut().enumerate() {
-            fd.set_cpuid2(&arch::vcpu_cpuid(&cpuid, i as u8, config.workloads.len() as u8))
-                .map_err(kvm_err("SET_CPUID2"))?;
+            fd.set_cpuid2(&arch::vcpu_cpuid(
+                &cpuid,
+                i as u8,
+                config.workloads.len() as u8,
+            ))
+            .map_err(kvm_err("SET_CPUID2"))?;
         }
         let msr_list = saveable_msrs(&kvm, &fds[0])?;
         let nic = match config.nic_addr {
-            Some(addr) => Some(UdpSocket::bind(addr).map_err(|source| VmError::Bind { addr, source })?),
+            Some(addr) => {
+                Some(UdpSocket::bind(addr).map_err(|source| VmError::Bind { addr, source })?)
+            }
             None => None,
         };
         let nic = Nic::new(nic).map_err(VmError::Threads)?;
@@ -324,7 +340,12 @@ impl Vm {
             .map(|(i, fd)| VcpuHandle::spawn(i, fd, ctl.clone(), devices.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(VmError::Threads)?;
-        debug!(mem = config.mem_size, vcpus = vcpus.len(), msrs = msr_list.len(), "VM created");
+        debug!(
+            mem = config.mem_size,
+            vcpus = vcpus.len(),
+            msrs = msr_list.len(),
+            "VM created"
+        );
         Ok(Vm {
             vcpus,
             ctl,
@@ -341,7 +362,11 @@ impl Vm {
     }
 
     fn tsc_khz(&self) -> Result<u32, VmError> {
-        self.vcpus[0].fd.lock().get_tsc_khz().map_err(kvm_err("GET_TSC_KHZ"))
+        self.vcpus[0]
+            .fd
+            .lock()
+            .get_tsc_khz()
+            .map_err(kvm_err("GET_TSC_KHZ"))
     }
 
     /// Loads extra code into guest memory and points vCPU `i` at it, for tests that need a
@@ -424,7 +449,11 @@ impl Vm {
                 .to_vec(),
             regs: fd.get_regs().map_err(kvm_err("GET_REGS"))?,
             sregs: fd.get_sregs().map_err(kvm_err("GET_SREGS"))?,
-            xsave: fd.get_xsave().map_err(kvm_err("GET_XSAVE"))?.region.to_vec(),
+            xsave: fd
+                .get_xsave()
+                .map_err(kvm_err("GET_XSAVE"))?
+                .region
+                .to_vec(),
             xcrs: fd.get_xcrs().map_err(kvm_err("GET_XCRS"))?,
             debugregs: fd.get_debug_regs().map_err(kvm_err("GET_DEBUGREGS"))?,
             msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
@@ -440,7 +469,8 @@ impl Vm {
         // Order as in Firecracker: CPUID, MP state, registers, XSAVE, XCRs, debug registers,
         // MSRs, then events last (they may depend on the rest).
         fd.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
-        fd.set_mp_state(s.mp_state).map_err(kvm_err("SET_MP_STATE"))?;
+        fd.set_mp_state(s.mp_state)
+            .map_err(kvm_err("SET_MP_STATE"))?;
         fd.set_regs(&s.regs).map_err(kvm_err("SET_REGS"))?;
         fd.set_sregs(&s.sregs).map_err(kvm_err("SET_SREGS"))?;
         let mut xsave = kvm_bindings::kvm_xsave::default();
@@ -457,7 +487,8 @@ impl Vm {
         // 4 KiB `kvm_xsave`, so KVM reads no further than the struct we pass.
         unsafe { fd.set_xsave(&xsave) }.map_err(kvm_err("SET_XSAVE"))?;
         fd.set_xcrs(&s.xcrs).map_err(kvm_err("SET_XCRS"))?;
-        fd.set_debug_regs(&s.debugregs).map_err(kvm_err("SET_DEBUGREGS"))?;
+        fd.set_debug_regs(&s.debugregs)
+            .map_err(kvm_err("SET_DEBUGREGS"))?;
         let entries: Vec<_> = s
             .msrs
             .iter()
@@ -476,7 +507,8 @@ impl Vm {
                 index: entries[n].index,
             });
         }
-        fd.set_vcpu_events(&s.events).map_err(kvm_err("SET_VCPU_EVENTS"))?;
+        fd.set_vcpu_events(&s.events)
+            .map_err(kvm_err("SET_VCPU_EVENTS"))?;
         Ok(())
     }
 
@@ -552,8 +584,14 @@ impl Vm {
     /// Guest physical range `(base, pages)` of the dirtier working set of vCPU `i`.
     pub fn dirtier_working_set(&self, i: usize) -> (u64, u64) {
         let rec = layout::CONFIG_ADDR + i as u64 * layout::VCPU_RECORD_SIZE;
-        let base = self.mem.read_obj(GuestAddress(rec + config::WS_BASE)).unwrap_or(0);
-        let pages = self.mem.read_obj(GuestAddress(rec + config::WS_PAGES)).unwrap_or(0);
+        let base = self
+            .mem
+            .read_obj(GuestAddress(rec + config::WS_BASE))
+            .unwrap_or(0);
+        let pages = self
+            .mem
+            .read_obj(GuestAddress(rec + config::WS_PAGES))
+            .unwrap_or(0);
         (base, pages)
     }
 
@@ -604,8 +642,11 @@ fn validate(c: &VmConfig) -> Result<(), VmError> {
             c.mem_size
         ));
     }
-    if c.mem_size % (2 << 20) != 0 {
-        return bad(format!("memory must be a multiple of 2 MiB, not {} bytes", c.mem_size));
+    if !c.mem_size.is_multiple_of(2 << 20) {
+        return bad(format!(
+            "memory must be a multiple of 2 MiB, not {} bytes",
+            c.mem_size
+        ));
     }
     if c.workloads.is_empty() || c.workloads.len() > MAX_VCPUS {
         return bad(format!(
@@ -613,7 +654,12 @@ fn validate(c: &VmConfig) -> Result<(), VmError> {
             c.workloads.len()
         ));
     }
-    if c.workloads.iter().filter(|w| **w == Workload::Counter).count() > 1 {
+    if c.workloads
+        .iter()
+        .filter(|w| **w == Workload::Counter)
+        .count()
+        > 1
+    {
         return bad("only one vCPU can run the counter service (it owns the NIC)".into());
     }
     let low_end = c.mem_size.min(layout::LOW_RAM_END);

@@ -46,7 +46,11 @@ fn read_range(vm: &Vm, addr: u64, len: u64) -> Vec<u8> {
 fn guest_results(vm: &Vm, dirtier_vcpu: usize) -> Vec<u8> {
     let (ws, pages) = vm.dirtier_working_set(dirtier_vcpu);
     let mut v = read_range(vm, layout::COUNTER_STATE_ADDR, 32);
-    v.extend(read_range(vm, layout::CLIENT_TABLE_ADDR, layout::CLIENT_TABLE_ENTRIES * 32));
+    v.extend(read_range(
+        vm,
+        layout::CLIENT_TABLE_ADDR,
+        layout::CLIENT_TABLE_ENTRIES * 32,
+    ));
     v.extend(read_range(vm, ws, pages * PAGE_SIZE));
     v
 }
@@ -59,7 +63,11 @@ fn snapshot_restore_continues_counter_and_dirtier() {
     init_logs();
     let cfg = config(vec![
         Workload::Counter,
-        Workload::Dirtier(DirtierConfig { pages: 512, rate: 20_000, limit: 0 }),
+        Workload::Dirtier(DirtierConfig {
+            pages: 512,
+            rate: 20_000,
+            limit: 0,
+        }),
     ]);
     let vm = Vm::new(&cfg).unwrap();
     vm.resume();
@@ -85,10 +93,16 @@ fn snapshot_restore_continues_counter_and_dirtier() {
     // A new NIC socket: the client follows it, the guest's state carries on.
     let mut client2 = Client::new(vm.nic_addr().unwrap(), 42).unwrap();
     let (again, _) = client2.repeat(25, T, |_| {}).unwrap();
-    assert_eq!(again, last, "a repeat after restore gets the very same reply");
+    assert_eq!(
+        again, last,
+        "a repeat after restore gets the very same reply"
+    );
     let (next, _) = client2.repeat(26, T, |_| {}).unwrap();
     assert_eq!(next.status, rmc_vmm::guest::STATUS_OK);
-    assert_eq!(next.counter, 26, "the counter continues from its saved value");
+    assert_eq!(
+        next.counter, 26,
+        "the counter continues from its saved value"
+    );
     wait_for("dirtier continues after restore", T, || {
         vm.dirtier_progress(1) > progress + 500
     });
@@ -110,14 +124,20 @@ fn restored_run_matches_uninterrupted_run() {
     const LIMIT: u64 = 6000;
     let cfg = config(vec![
         Workload::Counter,
-        Workload::Dirtier(DirtierConfig { pages: 700, rate: 0, limit: LIMIT }),
+        Workload::Dirtier(DirtierConfig {
+            pages: 700,
+            rate: 0,
+            limit: LIMIT,
+        }),
     ]);
 
     // Uninterrupted.
     let a = Vm::new(&cfg).unwrap();
     a.resume();
     let replies_a = requests(&a, 7, 1..=30);
-    wait_for("dirtier reaches its limit", T, || a.dirtier_progress(1) == LIMIT);
+    wait_for("dirtier reaches its limit", T, || {
+        a.dirtier_progress(1) == LIMIT
+    });
     a.pause();
     let results_a = guest_results(&a, 1);
     drop(a);
@@ -129,20 +149,28 @@ fn restored_run_matches_uninterrupted_run() {
     wait_for("dirtier mid-way", T, || b.dirtier_progress(1) >= 1000);
     b.pause();
     let mid = b.dirtier_progress(1);
-    assert!(mid < LIMIT, "snapshot must be taken while the dirtier still runs");
+    assert!(
+        mid < LIMIT,
+        "snapshot must be taken while the dirtier still runs"
+    );
     let state = b.save_state().unwrap();
     let image = b.memory_image();
     drop(b);
     let c = restore_from(&cfg, &state, &image);
     c.resume();
     replies_b.extend(requests(&c, 7, 16..=30));
-    wait_for("restored dirtier reaches its limit", T, || c.dirtier_progress(1) == LIMIT);
+    wait_for("restored dirtier reaches its limit", T, || {
+        c.dirtier_progress(1) == LIMIT
+    });
     c.pause();
     let results_b = guest_results(&c, 1);
 
     assert_eq!(replies_a, replies_b, "replies differ between the two runs");
     assert_eq!(replies_a.last().unwrap().counter, 30);
-    assert!(results_a == results_b, "guest memory results differ between the two runs");
+    assert!(
+        results_a == results_b,
+        "guest memory results differ between the two runs"
+    );
 }
 
 fn page(addr: u64) -> u64 {
@@ -169,7 +197,11 @@ fn dirty_set_is_exactly_guest_writes_union_device_writes() {
     const WS_PAGES: u64 = 300;
     let cfg = config(vec![
         Workload::Counter,
-        Workload::Dirtier(DirtierConfig { pages: WS_PAGES, rate: 0, limit: WS_PAGES }),
+        Workload::Dirtier(DirtierConfig {
+            pages: WS_PAGES,
+            rate: 0,
+            limit: WS_PAGES,
+        }),
     ]);
     let vm = Vm::new(&cfg).unwrap();
     let code_len = {
@@ -215,11 +247,19 @@ fn dirty_set_is_exactly_guest_writes_union_device_writes() {
     ]
     .into();
     for i in 0..3u64 {
-        want.insert(page(layout::TX_BUF_ADDR + i * u64::from(layout::NIC_BUF_SIZE)));
-        want.insert(page(layout::RX_BUF_ADDR + i * u64::from(layout::NIC_BUF_SIZE)));
+        want.insert(page(
+            layout::TX_BUF_ADDR + i * u64::from(layout::NIC_BUF_SIZE),
+        ));
+        want.insert(page(
+            layout::RX_BUF_ADDR + i * u64::from(layout::NIC_BUF_SIZE),
+        ));
     }
     // The client's table entry: find it by scanning the table for client 99.
-    let table = read_range(&vm, layout::CLIENT_TABLE_ADDR, layout::CLIENT_TABLE_ENTRIES * 32);
+    let table = read_range(
+        &vm,
+        layout::CLIENT_TABLE_ADDR,
+        layout::CLIENT_TABLE_ENTRIES * 32,
+    );
     let slot = table
         .chunks(32)
         .position(|e| u64::from_le_bytes(e[..8].try_into().unwrap()) == 99)
@@ -229,8 +269,14 @@ fn dirty_set_is_exactly_guest_writes_union_device_writes() {
     // dirties a page-directory page.
     let pts = page_table_pages();
     let got_without_pt: BTreeSet<u64> = got.difference(&pts).copied().collect();
-    assert_eq!(got_without_pt, want, "phase 2 dirty set (page-table pages aside)");
-    assert!(got.contains(&layout::RX_BUF_ADDR), "device (RX) writes are tracked");
+    assert_eq!(
+        got_without_pt, want,
+        "phase 2 dirty set (page-table pages aside)"
+    );
+    assert!(
+        got.contains(&layout::RX_BUF_ADDR),
+        "device (RX) writes are tracked"
+    );
 
     // Phase 3: nothing ran, nothing is dirty.
     assert!(vm.harvest_dirty().unwrap().is_empty());
@@ -244,7 +290,11 @@ fn put_back_loses_no_page() {
     init_logs();
     let cfg = config(vec![
         Workload::Counter,
-        Workload::Dirtier(DirtierConfig { pages: 256, rate: 0, limit: 0 }),
+        Workload::Dirtier(DirtierConfig {
+            pages: 256,
+            rate: 0,
+            limit: 0,
+        }),
     ]);
     let vm = Vm::new(&cfg).unwrap();
     vm.resume();
@@ -255,7 +305,11 @@ fn put_back_loses_no_page() {
     wait_for("more writes", T, || vm.dirtier_progress(1) > 1000);
     vm.pause();
     let first = vm.harvest_dirty().unwrap();
-    assert!(first.len() >= 256, "the whole working set was rewritten: {}", first.len());
+    assert!(
+        first.len() >= 256,
+        "the whole working set was rewritten: {}",
+        first.len()
+    );
     // The epoch that harvested `first` failed: hand it back.
     vm.put_back_dirty(first.clone());
     vm.resume();
@@ -265,7 +319,10 @@ fn put_back_loses_no_page() {
     for p in first.pages() {
         assert!(second.contains(p.0), "page {:#x} lost after put-back", p.0);
     }
-    assert!(second.contains(layout::RX_BUF_ADDR), "new writes are there too");
+    assert!(
+        second.contains(layout::RX_BUF_ADDR),
+        "new writes are there too"
+    );
     // Put back twice (two failed epochs in a row): still nothing lost.
     vm.put_back_dirty(second.clone());
     vm.put_back_dirty(first.clone());
@@ -273,7 +330,11 @@ fn put_back_loses_no_page() {
     let mut union = first.clone();
     union.union_with(&second);
     for p in union.pages() {
-        assert!(third.contains(p.0), "page {:#x} lost after two put-backs", p.0);
+        assert!(
+            third.contains(p.0),
+            "page {:#x} lost after two put-backs",
+            p.0
+        );
     }
 }
 
@@ -292,16 +353,19 @@ fn abusive_guest(base: u64, peer_port: u16) -> Vec<u8> {
     out(&mut a, ports::NIC_RING_SIZE, 8);
     // A good frame in TX buffer 0: header (IPv4 127.0.0.1:peer_port) + "hi".
     a.mov(rdi, layout::TX_BUF_ADDR).unwrap();
-    a.mov(dword_ptr(rdi), 4 | (u32::from(peer_port) << 16)).unwrap();
-    a.mov(dword_ptr(rdi + 4), u32::from_le_bytes([127, 0, 0, 1])).unwrap();
-    a.mov(word_ptr(rdi + 20), u32::from(u16::from_le_bytes(*b"hi"))).unwrap();
+    a.mov(dword_ptr(rdi), 4 | (u32::from(peer_port) << 16))
+        .unwrap();
+    a.mov(dword_ptr(rdi + 4), u32::from_le_bytes([127, 0, 0, 1]))
+        .unwrap();
+    a.mov(word_ptr(rdi + 20), u32::from(u16::from_le_bytes(*b"hi")))
+        .unwrap();
     // A frame with an unknown address family in TX buffer 1.
     a.mov(dword_ptr(rdi + 2048), 9).unwrap();
     let descs: [(u64, u32); 4] = [
-        (0xff_0000_0000, 64),        // outside guest memory
-        (layout::TX_BUF_ADDR, 1 << 20), // longer than any frame
+        (0xff_0000_0000, 64),             // outside guest memory
+        (layout::TX_BUF_ADDR, 1 << 20),   // longer than any frame
         (layout::TX_BUF_ADDR + 2048, 30), // bad header
-        (layout::TX_BUF_ADDR, 22),    // good
+        (layout::TX_BUF_ADDR, 22),        // good
     ];
     a.mov(rsi, layout::TX_RING_ADDR).unwrap();
     for (i, (addr, len)) in descs.iter().enumerate() {
@@ -331,8 +395,12 @@ fn malformed_nic_descriptors_are_refused_and_guest_keeps_running() {
     peer.set_read_timeout(Some(T)).unwrap();
     let vm = Vm::new(&config(vec![Workload::Idle])).unwrap();
     let base = layout::CODE_ADDR + 0x1_8000;
-    vm.load_custom_entry(0, base, &abusive_guest(base, peer.local_addr().unwrap().port()))
-        .unwrap();
+    vm.load_custom_entry(
+        0,
+        base,
+        &abusive_guest(base, peer.local_addr().unwrap().port()),
+    )
+    .unwrap();
     vm.resume();
     let mut buf = [0u8; 64];
     let (n, from) = peer.recv_from(&mut buf).unwrap();
@@ -340,14 +408,18 @@ fn malformed_nic_descriptors_are_refused_and_guest_keeps_running() {
     assert_eq!(from, vm.nic_addr().unwrap());
     wait_for("guest keeps running", T, || vm.dirtier_progress(0) > 1000);
     let p = vm.dirtier_progress(0);
-    wait_for("guest still running", T, || vm.dirtier_progress(0) > p + 1000);
+    wait_for("guest still running", T, || {
+        vm.dirtier_progress(0) > p + 1000
+    });
     vm.pause();
     let stats = vm.nic_stats();
     assert_eq!(stats.tx_refused, 3);
     assert_eq!(stats.tx_frames, 1);
     let status = |i: u64| -> u16 {
         vm.memory()
-            .read_obj(GuestAddress(layout::TX_RING_ADDR + 16 * i + layout::ring::DESC_STATUS))
+            .read_obj(GuestAddress(
+                layout::TX_RING_ADDR + 16 * i + layout::ring::DESC_STATUS,
+            ))
             .unwrap()
     };
     assert_eq!(
@@ -360,4 +432,38 @@ fn malformed_nic_descriptors_are_refused_and_guest_keeps_running() {
         ]
     );
     assert!(vm.stopped_vcpus().is_empty());
+}
+
+#[test]
+fn four_gib_guest_runs_and_tracks_both_regions() {
+    if !kvm_available("four_gib_guest_runs_and_tracks_both_regions") {
+        return;
+    }
+    init_logs();
+    let cfg = VmConfig {
+        mem_size: 4 << 30,
+        ..config(vec![
+            Workload::Counter,
+            Workload::Dirtier(DirtierConfig {
+                pages: 1000,
+                rate: 0,
+                limit: 1000,
+            }),
+        ])
+    };
+    let vm = Vm::new(&cfg).unwrap();
+    assert_eq!(vm.regions(), &[(0, 3 << 30), (4 << 30, 1 << 30)]);
+    vm.resume();
+    assert_eq!(requests(&vm, 3, 1..=5)[4].counter, 5);
+    wait_for("dirtier done", T, || vm.dirtier_progress(1) == 1000);
+    vm.pause();
+    vm.harvest_dirty().unwrap();
+    // A device write at the very top of the high region is tracked.
+    let top = (5u64 << 30) - 8;
+    vm.memory().write_obj(0xabcdu64, GuestAddress(top)).unwrap();
+    let set = vm.harvest_dirty().unwrap();
+    assert_eq!(
+        set.pages().map(|g| g.0).collect::<Vec<_>>(),
+        vec![page(top)]
+    );
 }

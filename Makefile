@@ -1,0 +1,17 @@
+# The two commands of the README. Both install missing Debian packages first.
+.PHONY: demo test deps
+
+deps:
+	./scripts/install-deps.sh
+
+# The main job: run the VM and talk to its counter service.
+demo: deps
+	cargo build --release --bin rmc
+	./scripts/demo.sh
+
+# Every test, plus formatting and lints. KVM tests skip without /dev/kvm unless
+# RMC_REQUIRE_KVM=1 (which .ci/run sets when /dev/kvm exists), where they fail instead.
+test: deps
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo test --workspace
