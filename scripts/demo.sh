@@ -8,7 +8,7 @@ log=$(mktemp)
 trap 'kill "$vm" 2>/dev/null || true; wait "$vm" 2>/dev/null || true; rm -f "$log"' EXIT
 
 echo "== rmc run: 256 MiB guest, vCPU0 = counter service, vCPU1 = dirtier (10,000 pages/s)"
-"$rmc" run --listen 127.0.0.1:0 --workload counter,dirtier --duration 8 >"$log" &
+"$rmc" run --listen 127.0.0.1:0 --workload counter,dirtier --duration 4 >"$log" &
 vm=$!
 for _ in $(seq 100); do
     addr=$(sed -n 's/^rmc: counter service listening on udp //p' "$log")
