@@ -203,7 +203,9 @@ impl Nic {
 
     fn enable(&mut self, size: u32, mem: &GuestMem) {
         let ring_ok = |addr: u64| {
-            addr != 0 && addr.is_multiple_of(4096) && mem.get_slice(GuestAddress(addr), 4096).is_ok()
+            addr != 0
+                && addr.is_multiple_of(4096)
+                && mem.get_slice(GuestAddress(addr), 4096).is_ok()
         };
         if !size.is_power_of_two() || size > MAX_RING_SIZE {
             error!(size, "NIC: ring size must be a power of two up to {MAX_RING_SIZE}; device stays disabled");

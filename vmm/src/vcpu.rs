@@ -313,12 +313,7 @@ fn run_vcpu(id: usize, fd: &Mutex<VcpuFd>, kick: &EventFd, ctl: &RunControl, dev
         };
         if let Some(why) = fatal {
             let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-            error!(
-                vcpu = id,
-                rip = format_args!("{rip:#x}"),
-                "vCPU stopped: {why}"
-            );
-            devices.note_stopped(id, why);
+            devices.note_stopped(id, format!("{why} (rip {rip:#x})"));
             parking_lot::MutexGuard::unlocked(&mut vcpu, || ctl.stop());
             break;
         }
