@@ -1,6 +1,44 @@
-//! rmc-mc: the epoch engine (not yet implemented; issue "Micro-checkpointing over TCP").
+//! rmc-mc: the epoch engine.
 //!
-//! It will hold the sans-I/O protocol cores of the primary and the standby, the primary's
-//! epoch loop (pause, harvest, save state, gather into staging, resume, transmit, free on ack),
-//! the standby's verify-then-apply path and failover. It drives the VM through a narrow
-//! `Guest` trait and never names KVM.
+//! - [`Guest`]: what the engine needs from a VM (pause, resume, harvest dirty pages, save
+//!   state). It knows nothing of KVM; `rmc-vmm` implements it.
+//! - [`dirty`]: dirty page sets.
+//! - [`core`]: the sans-I/O protocol cores of the primary and the standby: events in, actions
+//!   out, no sockets, no clocks (time comes in as values), so every failure case is a unit test.
+//! - [`primary`]: the primary's epoch loop over a transport.
+//! - [`standby`]: the standby: receive, verify, apply, ack.
+
+pub mod core;
+pub mod dirty;
+pub mod primary;
+pub mod standby;
+
+use std::time::Duration;
+
+pub use dirty::DirtySet;
+
+/// An error from the guest (the VMM's own error type, boxed).
+pub type GuestError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What the epoch engine drives. Implemented by `rmc_vmm::Vm`.
+pub trait Guest: Send + Sync {
+    /// The guest's memory.
+    type Memory: vm_memory::GuestMemory + Send + Sync;
+
+    /// Guest memory.
+    fn memory(&self) -> &Self::Memory;
+    /// RAM regions `(guest physical base, length)`.
+    fn regions(&self) -> Vec<(u64, u64)>;
+    /// Number of vCPUs.
+    fn vcpus(&self) -> u32;
+    /// Stops every vCPU (and so every device); returns how long stopping took.
+    fn pause(&self) -> Duration;
+    /// Lets the vCPUs run again.
+    fn resume(&self);
+    /// Pages written since the previous harvest (by the guest or its devices); clears the log.
+    fn harvest(&self) -> Result<DirtySet, GuestError>;
+    /// Gives back a harvested set that could not be sent, so the next harvest includes it.
+    fn put_back(&self, set: DirtySet);
+    /// The vCPU and device state, serialized (the VM must be paused).
+    fn save_state(&self) -> Result<Vec<u8>, GuestError>;
+}

@@ -1,4 +1,5 @@
 //! rmc-transport: the replication wire protocol ([`wire`]) and the transports that carry it
 //! (TCP now; RDMA in a later issue, behind the same framing).
 
+pub mod tcp;
 pub mod wire;

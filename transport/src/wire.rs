@@ -1,6 +1,66 @@
 //! The rmc replication wire protocol: framing, messages, bounds-checked decoders, mutual
-//! authentication, and the epoch checksum. (Module doc with the message sequence and the
-//! states of both sides: to be written, see the helper task.)
+//! authentication, and the epoch checksum. Shared by every transport (TCP now, RDMA later).
+//!
+//! ## Framing
+//!
+//! Every frame is a 16-byte header `type u8 | 7 reserved zero bytes | len u64 LE` followed by
+//! `len` bytes of payload. All integers are little endian. A control message's payload is at
+//! most [`MAX_CONTROL_LEN`]; an `EpochBody` is raw bytes whose exact length follows from its
+//! `EpochHeader` and the agreed [`Layout`].
+//!
+//! ## Message sequence
+//!
+//! ```text
+//! primary                                   standby
+//!    | Hello(magic, version, nonce_p)          |
+//!    |---------------------------------------->|  version must match
+//!    |        Challenge(nonce_s, proof_s)      |  proof_s = HMAC(secret, "rmc standby v1" | nonce_p | nonce_s)
+//!    |<----------------------------------------|
+//!    | Auth(proof_p, layout)                   |  proof_p = HMAC(secret, "rmc primary v1" | nonce_s | nonce_p)
+//!    |---------------------------------------->|  proof and layout checked
+//!    |        Accept(last_applied) | Refuse    |
+//!    |<----------------------------------------|
+//!    | EpochHeader(e, kind, pages, state_len)  |  e = last_applied + 1, +1 each epoch
+//!    | EpochBody(index | pages | state)       |  streamed into a staging slot
+//!    | Commit(e, checksum)                     |  checksum = xxh3-64 of the body
+//!    |---------------------------------------->|  verify, apply to the backup, then:
+//!    |        Ack(e)                           |  cumulative: all epochs <= e applied
+//!    |<----------------------------------------|
+//!    | Heartbeat <-------------------------->  |  both ways, when nothing else was sent
+//! ```
+//!
+//! ## States
+//!
+//! ```text
+//! primary: Connecting -> AwaitChallenge -> AwaitAccept -> Syncing -> Protecting
+//!          (Syncing: Sync epochs of the whole memory, sent while the guest runs;
+//!           Protecting: Checkpoint epochs, one per pause)
+//! standby: AwaitHello -> AwaitAuth -> Idle -> ReceivingBody -> AwaitCommit -> Applying -> Idle
+//! ```
+//!
+//! A side refuses a message that is wrong for its state (a commit before the epoch's data, a
+//! body without a header, an epoch out of order, an ack for an epoch never sent) and closes
+//! the connection. The standby never applies an epoch before its commit arrived and the
+//! checksum of what it received matched: a partial or corrupt epoch leaves the backup as it
+//! was. The secret never crosses the wire; each side proves it holds it over both nonces, so a
+//! recorded handshake cannot be replayed.
+//!
+//! ## Payloads
+//!
+//! ```text
+//! Hello       magic[8] | version u16 | nonce[32]                                  (42 bytes)
+//! Challenge   nonce[32] | proof[32]                                               (64)
+//! Auth        proof[32] | layout                                                  (32 + 24 + 16 x regions)
+//!   layout    page_size u32 | vcpus u32 | slot_pages u32 | slot_count u32 | features u32 |
+//!             region_count u32 | region_count x (base u64 | len u64)
+//! Accept      last_applied u64                                                    (8)
+//! Refuse      reason, UTF-8, at most 1,024 bytes
+//! EpochHeader epoch u64 | kind u8 | 3 zero bytes | state_len u32 | page_count u64 (24)
+//! EpochBody   page_count x u64 guest address | page_count x page | state
+//! Commit      epoch u64 | checksum u64                                            (16)
+//! Ack         epoch u64                                                           (8)
+//! Heartbeat   seq u64                                                             (8)
+//! ```
 
 /// Bytes in a frame header: `type u8 | reserved [u8; 7] (zero) | len u64 LE`.
 pub const FRAME_HEADER_LEN: usize = 16;
@@ -152,28 +212,179 @@ pub struct FrameHeader {
 /// Everything a decoder can refuse. Each message names what was wrong.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
-    // Variants to be designed by the implementer; they must at least distinguish:
-    // unknown message type (with the byte), nonzero reserved bytes, bad magic, unsupported
-    // version (found and supported), a length over its limit (what, len, limit), a payload
-    // shorter or longer than its message needs (what, expected, got), a bad field value
-    // (layout: page size, regions, slot count...; epoch kind; UTF-8 reason), page index entries
-    // that are outside guest memory / unaligned / not strictly ascending (with the entry number
-    // and address), and a body length that does not match its header.
-    /// Placeholder: to be replaced.
-    #[error("unimplemented")]
-    Todo,
+    /// The first byte is no known message type.
+    #[error("Unknown message type {0:#04x}")]
+    UnknownType(u8),
+    /// Reserved header bytes are not zero.
+    #[error("Frame header has nonzero reserved bytes")]
+    Reserved,
+    /// A Hello without the rmc magic: not an rmc peer.
+    #[error("Hello does not start with the rmc magic (not an rmc primary?)")]
+    BadMagic,
+    /// A length over its limit.
+    #[error("Frame length {len} for {what:?} exceeds the limit {limit}")]
+    TooLong {
+        /// Message type.
+        what: MsgType,
+        /// Length found.
+        len: u64,
+        /// Limit.
+        limit: u64,
+    },
+    /// A payload of the wrong size.
+    #[error("{what:?} payload is {got} bytes, expected {expected}")]
+    Length {
+        /// Message type.
+        what: MsgType,
+        /// Expected size.
+        expected: u64,
+        /// Size found.
+        got: u64,
+    },
+    /// An EpochBody where a control message was expected.
+    #[error("An epoch body cannot be decoded as a control message")]
+    BodyAsMessage,
+    /// A field with an invalid value.
+    #[error("Invalid {field}: {value}")]
+    Field {
+        /// Which field.
+        field: &'static str,
+        /// What was wrong with it.
+        value: String,
+    },
+    /// A page index entry outside guest memory.
+    #[error("Page index entry {entry} ({addr:#x}) is outside guest memory")]
+    IndexOutside {
+        /// Entry number.
+        entry: usize,
+        /// Address.
+        addr: u64,
+    },
+    /// A page index entry not on a page boundary.
+    #[error("Page index entry {entry} ({addr:#x}) is not page aligned")]
+    IndexUnaligned {
+        /// Entry number.
+        entry: usize,
+        /// Address.
+        addr: u64,
+    },
+    /// Page index entries not strictly ascending (a page twice, or out of order).
+    #[error("Page index entry {entry} ({addr:#x}) does not follow {prev:#x} in ascending order")]
+    IndexOrder {
+        /// Entry number.
+        entry: usize,
+        /// Address.
+        addr: u64,
+        /// Previous entry.
+        prev: u64,
+    },
+}
+
+/// Largest Refuse reason.
+pub const MAX_REASON_LEN: usize = 1024;
+const MAX_REGIONS: usize = 16;
+const MAX_VCPUS: u32 = 64;
+const MAX_GUEST_BYTES: u64 = 1 << 40;
+
+impl MsgType {
+    fn from_u8(b: u8) -> Result<Self, WireError> {
+        Ok(match b {
+            1 => MsgType::Hello,
+            2 => MsgType::Challenge,
+            3 => MsgType::Auth,
+            4 => MsgType::Accept,
+            5 => MsgType::Refuse,
+            6 => MsgType::EpochHeader,
+            7 => MsgType::EpochBody,
+            8 => MsgType::Commit,
+            9 => MsgType::Ack,
+            10 => MsgType::Heartbeat,
+            other => return Err(WireError::UnknownType(other)),
+        })
+    }
+}
+
+fn put_header(ty: MsgType, len: u64, out: &mut Vec<u8>) {
+    out.push(ty as u8);
+    out.extend_from_slice(&[0; 7]);
+    out.extend_from_slice(&len.to_le_bytes());
 }
 
 /// Appends the frame for `msg` (header + payload) to `out`.
 pub fn encode(msg: &Message, out: &mut Vec<u8>) {
-    let _ = (msg, out);
-    todo!()
+    let start = out.len();
+    put_header(MsgType::Hello, 0, out); // patched below
+    let ty = match msg {
+        Message::Hello { version, nonce } => {
+            out.extend_from_slice(&MAGIC);
+            out.extend_from_slice(&version.to_le_bytes());
+            out.extend_from_slice(nonce);
+            MsgType::Hello
+        }
+        Message::Challenge { nonce, proof } => {
+            out.extend_from_slice(nonce);
+            out.extend_from_slice(proof);
+            MsgType::Challenge
+        }
+        Message::Auth { proof, layout } => {
+            out.extend_from_slice(proof);
+            for v in [
+                layout.page_size,
+                layout.vcpus,
+                layout.slot_pages,
+                layout.slot_count,
+                layout.features,
+                layout.regions.len() as u32,
+            ] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            for (b, l) in &layout.regions {
+                out.extend_from_slice(&b.to_le_bytes());
+                out.extend_from_slice(&l.to_le_bytes());
+            }
+            MsgType::Auth
+        }
+        Message::Accept { last_applied } => {
+            out.extend_from_slice(&last_applied.to_le_bytes());
+            MsgType::Accept
+        }
+        Message::Refuse { reason } => {
+            let mut end = reason.len().min(MAX_REASON_LEN);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            out.extend_from_slice(&reason.as_bytes()[..end]);
+            MsgType::Refuse
+        }
+        Message::EpochHeader(h) => {
+            out.extend_from_slice(&h.epoch.to_le_bytes());
+            out.extend_from_slice(&[h.kind as u8, 0, 0, 0]);
+            out.extend_from_slice(&h.state_len.to_le_bytes());
+            out.extend_from_slice(&h.page_count.to_le_bytes());
+            MsgType::EpochHeader
+        }
+        Message::Commit { epoch, checksum } => {
+            out.extend_from_slice(&epoch.to_le_bytes());
+            out.extend_from_slice(&checksum.to_le_bytes());
+            MsgType::Commit
+        }
+        Message::Ack { epoch } => {
+            out.extend_from_slice(&epoch.to_le_bytes());
+            MsgType::Ack
+        }
+        Message::Heartbeat { seq } => {
+            out.extend_from_slice(&seq.to_le_bytes());
+            MsgType::Heartbeat
+        }
+    };
+    let len = (out.len() - start - FRAME_HEADER_LEN) as u64;
+    out[start] = ty as u8;
+    out[start + 8..start + 16].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Appends the frame header of an `EpochBody` of `len` bytes (the body itself follows raw).
 pub fn encode_body_header(len: u64, out: &mut Vec<u8>) {
-    let _ = (len, out);
-    todo!()
+    put_header(MsgType::EpochBody, len, out);
 }
 
 /// Decodes a frame header, checking the type, the reserved bytes, and the length against the
@@ -182,15 +393,178 @@ pub fn decode_frame_header(
     b: &[u8; FRAME_HEADER_LEN],
     max_body: u64,
 ) -> Result<FrameHeader, WireError> {
-    let _ = (b, max_body);
-    todo!()
+    let ty = MsgType::from_u8(b[0])?;
+    if b[1..8].iter().any(|&x| x != 0) {
+        return Err(WireError::Reserved);
+    }
+    let len = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+    let limit = if ty == MsgType::EpochBody {
+        max_body
+    } else {
+        MAX_CONTROL_LEN
+    };
+    if len > limit {
+        return Err(WireError::TooLong {
+            what: ty,
+            len,
+            limit,
+        });
+    }
+    Ok(FrameHeader { ty, len })
+}
+
+/// A bounds-checked little-endian reader over a payload.
+struct Cursor<'a> {
+    b: &'a [u8],
+    ty: MsgType,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> &'a [u8] {
+        let (a, rest) = self.b.split_at(n);
+        self.b = rest;
+        a
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take(2).try_into().expect("2 bytes"))
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take(4).try_into().expect("4 bytes"))
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take(8).try_into().expect("8 bytes"))
+    }
+    fn arr(&mut self) -> [u8; NONCE_LEN] {
+        self.take(NONCE_LEN).try_into().expect("32 bytes")
+    }
+    /// Requires exactly `n` bytes to be left.
+    fn exact(&self, n: usize) -> Result<(), WireError> {
+        if self.b.len() != n {
+            return Err(WireError::Length {
+                what: self.ty,
+                expected: n as u64,
+                got: self.b.len() as u64,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Decodes the payload of a control message of type `ty`. `EpochBody` is refused here.
 /// Layouts in `Auth` are validated with [`Layout::validate`].
 pub fn decode(ty: MsgType, payload: &[u8]) -> Result<Message, WireError> {
-    let _ = (ty, payload);
-    todo!()
+    let mut c = Cursor { b: payload, ty };
+    Ok(match ty {
+        MsgType::Hello => {
+            c.exact(8 + 2 + NONCE_LEN)?;
+            if c.take(8) != MAGIC {
+                return Err(WireError::BadMagic);
+            }
+            Message::Hello {
+                version: c.u16(),
+                nonce: c.arr(),
+            }
+        }
+        MsgType::Challenge => {
+            c.exact(2 * NONCE_LEN)?;
+            Message::Challenge {
+                nonce: c.arr(),
+                proof: c.arr(),
+            }
+        }
+        MsgType::Auth => {
+            if payload.len() < NONCE_LEN + 24 {
+                c.exact(NONCE_LEN + 24)?;
+            }
+            let proof = c.arr();
+            let (page_size, vcpus, slot_pages, slot_count, features, count) =
+                (c.u32(), c.u32(), c.u32(), c.u32(), c.u32(), c.u32());
+            if count as usize > MAX_REGIONS {
+                return Err(WireError::Field {
+                    field: "layout region count",
+                    value: format!("{count} (at most {MAX_REGIONS})"),
+                });
+            }
+            c.exact(count as usize * 16)?;
+            let regions = (0..count).map(|_| (c.u64(), c.u64())).collect();
+            let layout = Layout {
+                page_size,
+                regions,
+                vcpus,
+                slot_pages,
+                slot_count,
+                features,
+            };
+            layout.validate()?;
+            Message::Auth { proof, layout }
+        }
+        MsgType::Accept => {
+            c.exact(8)?;
+            Message::Accept {
+                last_applied: c.u64(),
+            }
+        }
+        MsgType::Refuse => {
+            if payload.len() > MAX_REASON_LEN {
+                return Err(WireError::TooLong {
+                    what: ty,
+                    len: payload.len() as u64,
+                    limit: MAX_REASON_LEN as u64,
+                });
+            }
+            let reason = std::str::from_utf8(payload).map_err(|e| WireError::Field {
+                field: "refusal reason",
+                value: format!("not UTF-8 ({e})"),
+            })?;
+            Message::Refuse {
+                reason: reason.to_string(),
+            }
+        }
+        MsgType::EpochHeader => {
+            c.exact(24)?;
+            let epoch = c.u64();
+            let kind = match c.take(4) {
+                [0, 0, 0, 0] => EpochKind::Sync,
+                [1, 0, 0, 0] => EpochKind::Checkpoint,
+                other => {
+                    return Err(WireError::Field {
+                        field: "epoch kind",
+                        value: format!("{other:?}"),
+                    })
+                }
+            };
+            let state_len = c.u32();
+            let page_count = c.u64();
+            if epoch == 0 {
+                return Err(WireError::Field {
+                    field: "epoch number",
+                    value: "0".into(),
+                });
+            }
+            Message::EpochHeader(EpochHeader {
+                epoch,
+                kind,
+                page_count,
+                state_len,
+            })
+        }
+        MsgType::EpochBody => return Err(WireError::BodyAsMessage),
+        MsgType::Commit => {
+            c.exact(16)?;
+            Message::Commit {
+                epoch: c.u64(),
+                checksum: c.u64(),
+            }
+        }
+        MsgType::Ack => {
+            c.exact(8)?;
+            Message::Ack { epoch: c.u64() }
+        }
+        MsgType::Heartbeat => {
+            c.exact(8)?;
+            Message::Heartbeat { seq: c.u64() }
+        }
+    })
 }
 
 impl Layout {
@@ -198,12 +572,71 @@ impl Layout {
     /// non-overlapping, non-empty, total at most 1 TiB; 1..=64 vCPUs; slot_pages >= 1;
     /// slot_count >= 2; features == 0.
     pub fn validate(&self) -> Result<(), WireError> {
-        todo!()
+        let bad = |field, value: String| Err(WireError::Field { field, value });
+        if self.page_size != 4096 {
+            return bad(
+                "layout page size",
+                format!("{} (only 4096 is supported)", self.page_size),
+            );
+        }
+        if self.regions.is_empty() || self.regions.len() > MAX_REGIONS {
+            return bad(
+                "layout region count",
+                format!("{} (1 to {MAX_REGIONS})", self.regions.len()),
+            );
+        }
+        let mut end = 0u64;
+        let mut total = 0u64;
+        for (i, &(base, len)) in self.regions.iter().enumerate() {
+            let region_end = base.checked_add(len);
+            if len == 0 || base % 4096 != 0 || len % 4096 != 0 || region_end.is_none() {
+                return bad(
+                    "layout region",
+                    format!("{i}: {base:#x}+{len:#x} (must be non-empty and page aligned)"),
+                );
+            }
+            if i > 0 && base < end {
+                return bad(
+                    "layout region",
+                    format!("{i}: {base:#x} overlaps or precedes the region before"),
+                );
+            }
+            end = region_end.expect("checked");
+            total += len;
+        }
+        if total > MAX_GUEST_BYTES {
+            return bad("layout size", format!("{total} bytes (at most 1 TiB)"));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return bad(
+                "layout vCPU count",
+                format!("{} (1 to {MAX_VCPUS})", self.vcpus),
+            );
+        }
+        if self.slot_pages == 0 {
+            return bad("layout slot size", "0 pages".into());
+        }
+        if self.slot_count < 2 {
+            return bad(
+                "layout slot count",
+                format!("{} (at least 2)", self.slot_count),
+            );
+        }
+        if self.features != 0 {
+            return bad(
+                "layout features",
+                format!("{:#x} (none are defined)", self.features),
+            );
+        }
+        Ok(())
     }
 
     /// Total guest pages.
     pub fn total_pages(&self) -> u64 {
-        todo!()
+        self.regions
+            .iter()
+            .map(|&(_, l)| l / u64::from(self.page_size.max(1)))
+            .sum()
     }
 }
 
@@ -212,33 +645,95 @@ impl EpochHeader {
     /// kind) and returns the exact length its EpochBody must have:
     /// `page_count * 8 + page_count * page_size + state_len`.
     pub fn body_len(&self, layout: &Layout) -> Result<u64, WireError> {
-        let _ = layout;
-        todo!()
+        let total = layout.total_pages();
+        if self.page_count > total {
+            return Err(WireError::Field {
+                field: "epoch page count",
+                value: format!("{} (the guest has {total} pages)", self.page_count),
+            });
+        }
+        match self.kind {
+            EpochKind::Sync if self.state_len != 0 => {
+                return Err(WireError::Field {
+                    field: "sync epoch state length",
+                    value: format!("{} (must be 0)", self.state_len),
+                })
+            }
+            EpochKind::Checkpoint if self.state_len == 0 || self.state_len > MAX_STATE_LEN => {
+                return Err(WireError::Field {
+                    field: "checkpoint state length",
+                    value: format!("{} (1 to {MAX_STATE_LEN})", self.state_len),
+                })
+            }
+            _ => {}
+        }
+        // Cannot overflow: page_count <= 2^28 (1 TiB of 4 KiB pages).
+        Ok(self.page_count * (8 + u64::from(layout.page_size)) + u64::from(self.state_len))
     }
 }
 
 /// Checks a page index: every entry is a page-aligned guest physical address inside one of
 /// the layout's regions, and entries are strictly ascending.
 pub fn validate_index(index: &[u64], layout: &Layout) -> Result<(), WireError> {
-    let _ = (index, layout);
-    todo!()
+    let page = u64::from(layout.page_size);
+    let mut prev: Option<u64> = None;
+    for (entry, &addr) in index.iter().enumerate() {
+        if addr % page != 0 {
+            return Err(WireError::IndexUnaligned { entry, addr });
+        }
+        if !layout
+            .regions
+            .iter()
+            .any(|&(b, l)| addr >= b && addr - b < l)
+        {
+            return Err(WireError::IndexOutside { entry, addr });
+        }
+        if let Some(p) = prev {
+            if addr <= p {
+                return Err(WireError::IndexOrder {
+                    entry,
+                    addr,
+                    prev: p,
+                });
+            }
+        }
+        prev = Some(addr);
+    }
+    Ok(())
 }
 
 /// The checksum of an epoch body: xxh3-64 over the concatenation of `parts` (index bytes,
 /// page data, state blob), computed without concatenating them.
 pub fn checksum(parts: &[&[u8]]) -> u64 {
-    let _ = parts;
-    todo!()
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.digest()
 }
 
 /// Mutual challenge/response authentication with a shared secret (HMAC-SHA256). The secret
 /// never crosses the wire; each side proves it holds it over both sides' fresh nonces.
 pub mod auth {
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+
     use super::NONCE_LEN;
+
+    fn mac(secret: &[u8], label: &[u8], a: &[u8; NONCE_LEN], b: &[u8; NONCE_LEN]) -> Hmac<Sha256> {
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+        m.update(label);
+        m.update(a);
+        m.update(b);
+        m
+    }
 
     /// A fresh random nonce from the OS.
     pub fn nonce() -> [u8; NONCE_LEN] {
-        todo!()
+        let mut n = [0u8; NONCE_LEN];
+        getrandom::fill(&mut n).expect("the OS random source works");
+        n
     }
 
     /// The standby's proof: HMAC(secret, "rmc standby v1" | hello_nonce | challenge_nonce).
@@ -247,8 +742,10 @@ pub mod auth {
         hello_nonce: &[u8; NONCE_LEN],
         challenge_nonce: &[u8; NONCE_LEN],
     ) -> [u8; NONCE_LEN] {
-        let _ = (secret, hello_nonce, challenge_nonce);
-        todo!()
+        mac(secret, b"rmc standby v1", hello_nonce, challenge_nonce)
+            .finalize()
+            .into_bytes()
+            .into()
     }
 
     /// The primary's proof: HMAC(secret, "rmc primary v1" | challenge_nonce | hello_nonce).
@@ -257,13 +754,16 @@ pub mod auth {
         challenge_nonce: &[u8; NONCE_LEN],
         hello_nonce: &[u8; NONCE_LEN],
     ) -> [u8; NONCE_LEN] {
-        let _ = (secret, challenge_nonce, hello_nonce);
-        todo!()
+        mac(secret, b"rmc primary v1", challenge_nonce, hello_nonce)
+            .finalize()
+            .into_bytes()
+            .into()
     }
 
     /// Constant-time comparison of a received proof with the expected one.
     pub fn proofs_equal(a: &[u8; NONCE_LEN], b: &[u8; NONCE_LEN]) -> bool {
-        let _ = (a, b);
-        todo!()
+        // CtOutput's equality is constant time (the `subtle` crate underneath).
+        hmac::digest::CtOutput::<Hmac<Sha256>>::new((*a).into())
+            == hmac::digest::CtOutput::<Hmac<Sha256>>::new((*b).into())
     }
 }

@@ -26,7 +26,8 @@ pub mod state;
 mod vcpu;
 pub mod vm;
 
-pub use dirty::{DirtySet, DirtyTracker};
+pub use dirty::DirtyTracker;
+pub use rmc_mc::DirtySet;
 pub use state::VmState;
 pub use vm::{DirtierConfig, GuestStatus, Vm, VmConfig, VmError, Workload};
 

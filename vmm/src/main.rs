@@ -11,8 +11,8 @@ use rmc_vmm::{DirtierConfig, Vm, VmConfig, Workload};
 use tracing::info;
 
 /// rmc keeps a KVM virtual machine alive when its host dies, by shipping micro-checkpoints to
-/// a standby many times a second. This build has the VM itself (`run`) and the counter
-/// service's client (`client`); protection (primary/standby) comes next.
+/// a standby many times a second. `primary` runs a protected VM, `standby` receives its
+/// checkpoints, `run` runs the same VM unprotected, `client` talks to the guest's service.
 #[derive(Parser, Debug)]
 #[command(name = "rmc", version, about, long_about = None)]
 struct Cli {
@@ -28,6 +28,10 @@ struct Cli {
 enum Command {
     /// Run the VM without protection: rmc's own guest with the chosen workloads.
     Run(RunArgs),
+    /// Run the VM protected: checkpoint it to a standby every epoch (TCP).
+    Primary(PrimaryArgs),
+    /// Receive a primary's checkpoints and keep a backup of its VM.
+    Standby(StandbyArgs),
     /// Send requests to the counter service and print the replies.
     Client(ClientArgs),
 }
@@ -44,6 +48,115 @@ enum WorkloadArg {
 
 #[derive(Parser, Debug)]
 struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Stop the VM after this many seconds (default: run until killed).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Seconds between status lines (counter, requests, dirtier speed).
+    #[arg(long, default_value_t = 1.0)]
+    status_interval: f64,
+}
+
+#[derive(Parser, Debug)]
+struct PrimaryArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// The standby's address (`rmc standby --listen`).
+    #[arg(long)]
+    standby: SocketAddr,
+    #[command(flatten)]
+    secret: SecretArgs,
+    /// Milliseconds between checkpoints.
+    #[arg(long, default_value_t = 20.0)]
+    epoch_ms: f64,
+    /// End an epoch early once this many pages are dirty (default: half a slot).
+    #[arg(long)]
+    max_dirty_pages: Option<usize>,
+    /// Pages per staging slot (default: an eighth of guest memory, 1,024 to 65,536).
+    #[arg(long)]
+    slot_pages: Option<usize>,
+    /// Number of staging slots (at least 2): epochs that may be in flight at once.
+    #[arg(long, default_value_t = 2)]
+    slots: usize,
+    #[command(flatten)]
+    heartbeat: HeartbeatArgs,
+    /// Stop protecting after this many seconds: take a last checkpoint, wait for its ack,
+    /// print figures and exit (default: until killed).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Seconds between summary lines (epochs/s, pages per epoch, pause, ack latency).
+    #[arg(long, default_value_t = 5.0)]
+    summary_interval: f64,
+}
+
+#[derive(Parser, Debug)]
+struct StandbyArgs {
+    /// TCP address to listen on for the primary.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    secret: SecretArgs,
+    /// Accept only primaries whose guest has this much memory (e.g. 256M). Default: whatever
+    /// the first primary has; later ones must match the backup.
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    #[command(flatten)]
+    heartbeat: HeartbeatArgs,
+    /// Exit after serving this many primary connections (default: serve forever).
+    #[arg(long)]
+    sessions: Option<u64>,
+}
+
+#[derive(Parser, Debug)]
+struct SecretArgs {
+    /// File holding the shared secret (both sides must use the same; at least 16 bytes;
+    /// a trailing newline is ignored). The secret never crosses the wire.
+    #[arg(long)]
+    secret_file: std::path::PathBuf,
+}
+
+#[derive(Parser, Debug)]
+struct HeartbeatArgs {
+    /// Milliseconds between heartbeats when nothing else is sent.
+    #[arg(long, default_value_t = 50)]
+    heartbeat_ms: u64,
+    /// Declare the peer dead after this many milliseconds without hearing from it.
+    #[arg(long, default_value_t = 200)]
+    heartbeat_timeout_ms: u64,
+}
+
+impl HeartbeatArgs {
+    fn get(&self) -> rmc_mc::core::Heartbeat {
+        rmc_mc::core::Heartbeat {
+            interval: Duration::from_millis(self.heartbeat_ms.max(1)),
+            timeout: Duration::from_millis(self.heartbeat_timeout_ms.max(2)),
+        }
+    }
+}
+
+impl SecretArgs {
+    fn read(&self) -> Result<Vec<u8>> {
+        let mut s = std::fs::read(&self.secret_file).with_context(|| {
+            format!("Cannot read the secret file {}", self.secret_file.display())
+        })?;
+        while s.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            s.pop();
+        }
+        if s.len() < 16 {
+            bail!(
+                "The secret in {} is {} bytes; use at least 16 (e.g. `head -c 32 /dev/urandom | base64 > {}`)",
+                self.secret_file.display(),
+                s.len(),
+                self.secret_file.display()
+            );
+        }
+        Ok(s)
+    }
+}
+
+#[derive(Parser, Debug)]
+struct VmArgs {
     /// Guest memory size: bytes, or with a K, M or G suffix (16M to 11G).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     memory: u64,
@@ -65,12 +178,6 @@ struct RunArgs {
     /// Stop each dirtier after this many page writes (0 = never).
     #[arg(long, default_value_t = 0)]
     dirty_limit: u64,
-    /// Stop the VM after this many seconds (default: run until killed).
-    #[arg(long)]
-    duration: Option<f64>,
-    /// Seconds between status lines (counter, requests, dirtier speed).
-    #[arg(long, default_value_t = 1.0)]
-    status_interval: f64,
 }
 
 #[derive(Parser, Debug)]
@@ -133,6 +240,8 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run(a) => run(a),
+        Command::Primary(a) => primary(a),
+        Command::Standby(a) => standby(a),
         Command::Client(a) => client(a),
     };
     match result {
@@ -144,7 +253,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(a: RunArgs) -> Result<ExitCode> {
+/// Builds and starts the VM described by `a`; prints what runs and where it listens.
+fn start_vm(a: &VmArgs) -> Result<(Vm, Vec<Workload>)> {
     let vcpus = a.vcpus.unwrap_or(a.workload.len());
     if a.workload.len() > vcpus {
         bail!(
@@ -189,6 +299,12 @@ fn run(a: RunArgs) -> Result<ExitCode> {
     if workloads.contains(&Workload::Counter) {
         println!("rmc: counter service listening on udp {addr}");
     }
+    Ok((vm, workloads))
+}
+
+fn run(a: RunArgs) -> Result<ExitCode> {
+    let (vm, workloads) = start_vm(&a.vm)?;
+    let vcpus = workloads.len();
     let start = Instant::now();
     let interval = Duration::from_secs_f64(a.status_interval.max(0.05));
     let end = a
@@ -243,6 +359,92 @@ fn run(a: RunArgs) -> Result<ExitCode> {
         s.repeats,
         s.bad
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn primary(a: PrimaryArgs) -> Result<ExitCode> {
+    use rmc_mc::primary::{Primary, PrimaryConfig};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let secret = a.secret.read()?;
+    let (vm, _) = start_vm(&a.vm)?;
+    let mut config = PrimaryConfig::new(a.standby, secret, a.vm.memory / 4096);
+    config.epoch_interval = Duration::from_secs_f64(a.epoch_ms.max(0.1) / 1000.0);
+    if let Some(p) = a.slot_pages {
+        config.slot_pages = p.max(1);
+        config.max_dirty_pages = config.slot_pages / 2;
+    }
+    if let Some(m) = a.max_dirty_pages {
+        config.max_dirty_pages = m.max(1);
+    }
+    if a.slots < 2 {
+        bail!("--slots must be at least 2 (one epoch staged while another is in flight)");
+    }
+    config.slots = a.slots;
+    config.heartbeat = a.heartbeat.get();
+    config.summary_every = Duration::from_secs_f64(a.summary_interval.max(0.1));
+    let primary = Primary::connect(&vm, config)
+        .with_context(|| format!("Cannot start protection with the standby at {}", a.standby))?;
+    println!("rmc: protected by the standby at {}", a.standby);
+    let stop = AtomicBool::new(false);
+    let stats = std::thread::scope(|s| {
+        if let Some(d) = a.duration {
+            let stop = &stop;
+            s.spawn(move || {
+                std::thread::sleep(Duration::from_secs_f64(d.max(0.0)));
+                stop.store(true, Ordering::Release);
+            });
+        }
+        let r = primary.run(&stop);
+        stop.store(true, Ordering::Release);
+        r
+    });
+    let stats = stats.context("Protection stopped")?;
+    println!(
+        "rmc: {} checkpoints acknowledged (last epoch {}); full sync {} pages; first pause {} us; \
+         pause p50 {} us p99 {} us; pages/epoch mean {:.0}; ack p50 {} us p99 {} us; {} oversize",
+        stats.checkpoints_acked,
+        stats.last_acked,
+        stats.sync_pages,
+        stats.first_pause.map_or(0, |d| d.as_micros()),
+        stats.pause_us.value_at_quantile(0.5),
+        stats.pause_us.value_at_quantile(0.99),
+        stats.pages.mean(),
+        stats.ack_us.value_at_quantile(0.5),
+        stats.ack_us.value_at_quantile(0.99),
+        stats.oversize
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn standby(a: StandbyArgs) -> Result<ExitCode> {
+    use rmc_mc::standby::{error_chain, Standby, StandbyConfig};
+    let config = StandbyConfig {
+        secret: a.secret.read()?,
+        memory_bytes: a.memory,
+        heartbeat: a.heartbeat.get(),
+    };
+    let mut sb = Standby::bind(a.listen, config)
+        .with_context(|| format!("Cannot listen on {}", a.listen))?;
+    println!("rmc: standby listening on tcp {}", sb.local_addr());
+    let mut served = 0;
+    while a.sessions.is_none_or(|n| served < n) {
+        let s = sb.serve_one()?;
+        served += 1;
+        let backup = sb.backup();
+        println!(
+            "rmc: session with {} ended after {} epochs: {}; backup: {}",
+            s.peer,
+            s.epochs,
+            match &s.result {
+                Ok(()) => "closed by the primary".to_string(),
+                Err(e) => format!("error: {}", error_chain(e)),
+            },
+            match backup.and_then(|b| b.checkpoint) {
+                Some(e) => format!("consistent checkpoint of epoch {e}"),
+                None => "no consistent checkpoint".to_string(),
+            }
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

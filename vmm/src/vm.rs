@@ -15,13 +15,14 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch;
 use crate::devices::Devices;
-use crate::dirty::{DirtySet, DirtyTracker, HarvestError};
+use crate::dirty::{DirtyTracker, HarvestError};
 use crate::guest::GuestProgram;
 use crate::layout::{self, config, status};
 use crate::nic::Nic;
 use crate::state::{VcpuState, VmState};
 use crate::vcpu::{install_kick_handler, RunControl, VcpuHandle};
 use crate::GuestMem;
+use rmc_mc::DirtySet;
 
 /// Largest number of vCPUs.
 pub const MAX_VCPUS: usize = 4;
@@ -183,7 +184,7 @@ pub struct Vm {
 impl Vm {
     /// Builds a VM and boots the guest program; the vCPUs start paused (call [`Vm::resume`]).
     pub fn new(config: &VmConfig) -> Result<Self, VmError> {
-        let vm = Self::create(config)?;
+        let vm = Self::create(config, None)?;
         let program = GuestProgram::build()?;
         let mem = &vm.mem;
         arch::write_boot_tables(mem).map_err(VmError::Boot)?;
@@ -250,33 +251,34 @@ impl Vm {
     where
         E: std::fmt::Display,
     {
-        if state.mem_size != config.mem_size {
-            return Err(crate::state::StateError::Mismatch(format!(
-                "state has {} bytes of memory, the VM {}",
-                state.mem_size, config.mem_size
-            ))
-            .into());
-        }
-        if state.vcpus.len() != config.workloads.len() {
-            return Err(crate::state::StateError::Mismatch(format!(
-                "state has {} vCPUs, the VM {}",
-                state.vcpus.len(),
-                config.workloads.len()
-            ))
-            .into());
-        }
-        let vm = Self::create(config)?;
+        check_fits(config, state)?;
+        let vm = Self::create(config, None)?;
         fill(&vm.mem).map_err(|e| VmError::Config(format!("cannot fill guest memory: {e}")))?;
+        vm.load_state(state)?;
+        Ok(vm)
+    }
+
+    /// Builds a VM that runs directly on `mem` (e.g. a standby's backup; no copy) with the
+    /// saved `state`. The vCPUs start paused (call [`Vm::resume`]).
+    pub fn restore_on(config: &VmConfig, state: &VmState, mem: GuestMem) -> Result<Self, VmError> {
+        check_fits(config, state)?;
+        let vm = Self::create(config, Some(mem))?;
+        vm.load_state(state)?;
+        Ok(vm)
+    }
+
+    fn load_state(&self, state: &VmState) -> Result<(), VmError> {
+        let vm = self;
         for (i, s) in state.vcpus.iter().enumerate() {
             vm.set_vcpu_state(i, s)?;
         }
         vm.devices.nic.lock().set_state(state.nic.clone());
         vm.devices.set_console_state(state.console.clone());
         vm.dirty.clear(&vm.vm, &vm.mem)?;
-        Ok(vm)
+        Ok(())
     }
 
-    fn create(config: &VmConfig) -> Result<Self, VmError> {
+    fn create(config: &VmConfig, mem: Option<GuestMem>) -> Result<Self, VmError> {
         validate(config)?;
         install_kick_handler().map_err(VmError::Threads)?;
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
@@ -292,10 +294,21 @@ impl Vm {
             .iter()
             .map(|&(b, l)| (GuestAddress(b), l as usize))
             .collect();
-        let mem = GuestMem::from_ranges(&ranges).map_err(|source| VmError::Memory {
-            size: config.mem_size,
-            source,
-        })?;
+        let mem = match mem {
+            Some(m) => {
+                let have: Vec<(u64, u64)> = m.iter().map(|r| (r.start_addr().0, r.len())).collect();
+                if have != regions {
+                    return Err(VmError::Config(format!(
+                        "memory regions {have:x?} do not match the configuration's {regions:x?}"
+                    )));
+                }
+                m
+            }
+            None => GuestMem::from_ranges(&ranges).map_err(|source| VmError::Memory {
+                size: config.mem_size,
+                source,
+            })?,
+        };
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -632,6 +645,25 @@ impl Drop for Vm {
     }
 }
 
+fn check_fits(config: &VmConfig, state: &VmState) -> Result<(), VmError> {
+    if state.mem_size != config.mem_size {
+        return Err(crate::state::StateError::Mismatch(format!(
+            "state has {} bytes of memory, the VM {}",
+            state.mem_size, config.mem_size
+        ))
+        .into());
+    }
+    if state.vcpus.len() != config.workloads.len() {
+        return Err(crate::state::StateError::Mismatch(format!(
+            "state has {} vCPUs, the VM {}",
+            state.vcpus.len(),
+            config.workloads.len()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 fn validate(c: &VmConfig) -> Result<(), VmError> {
     let bad = |m: String| Err(VmError::Config(m));
     if c.mem_size < layout::MIN_MEM_SIZE || c.mem_size > layout::MAX_MEM_SIZE {
@@ -707,4 +739,40 @@ fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, VmError> {
         }
     }
     Ok(out)
+}
+
+impl rmc_mc::Guest for Vm {
+    type Memory = GuestMem;
+
+    fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    fn regions(&self) -> Vec<(u64, u64)> {
+        self.regions.clone()
+    }
+
+    fn vcpus(&self) -> u32 {
+        self.vcpus.len() as u32
+    }
+
+    fn pause(&self) -> Duration {
+        Vm::pause(self)
+    }
+
+    fn resume(&self) {
+        Vm::resume(self)
+    }
+
+    fn harvest(&self) -> Result<DirtySet, rmc_mc::GuestError> {
+        Ok(self.harvest_dirty()?)
+    }
+
+    fn put_back(&self, set: DirtySet) {
+        self.put_back_dirty(set)
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, rmc_mc::GuestError> {
+        Ok(Vm::save_state(self)?.encode())
+    }
 }

@@ -1,0 +1,674 @@
+//! The primary: protects a [`Guest`] by sending a checkpoint of it to a standby every epoch.
+//!
+//! ```text
+//! connect, handshake (PrimaryCore)
+//! full sync while the guest runs: every page, then the pages dirtied meanwhile, in rounds,
+//!   as Sync epochs (chunks of at most one slot), until few pages are left
+//! loop:
+//!   wait for the epoch deadline (or --max-dirty-pages dirtied: peeked every PEEK_EVERY)
+//!   wait for a free slot (the guest keeps running; the epoch gets longer)
+//!   PAUSE: harvest, save state, gather pages + state into the slot        <- the pause
+//!   RESUME
+//!   hand the slot to the sender thread (checksum + vectored write happen there)
+//!   on ack(e): release the slots of epochs <= e
+//! ```
+//!
+//! Threads: this loop (which owns the protocol core), a sender thread that writes epochs, and
+//! a reader thread that reads acks and heartbeats. When the connection fails, the dirty sets of
+//! every unacknowledged epoch are put back into the guest's dirty log, so nothing is lost.
+//!
+//! An epoch with more dirty pages than a slot holds cannot be staged; it is sent in
+//! slot-sized pieces while the guest stays paused (a long pause, logged as a warning: raise
+//! `--slot-pages` or lower `--max-dirty-pages`).
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use rmc_staging::{Slot, SlotLayout, SlotRing, StagingError};
+use rmc_transport::tcp::{self, FrameReader, FrameWriter, LinkError};
+use rmc_transport::wire::{self, auth, EpochHeader, EpochKind, Layout, Message, MAX_STATE_LEN};
+use tracing::{debug, info, warn};
+use vm_memory::GuestAddress;
+
+use crate::core::{Heartbeat, InFlight, PrimaryAction, PrimaryCore, ProtocolError};
+use crate::{DirtySet, Guest, GuestError};
+
+/// How often the dirty log is peeked between pauses to end an epoch early.
+const PEEK_EVERY: Duration = Duration::from_millis(2);
+/// Full sync stops iterating when at most this fraction of a slot is still dirty, or after
+/// `MAX_SYNC_ROUNDS` rounds.
+const MAX_SYNC_ROUNDS: usize = 8;
+
+/// Primary settings.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    /// The standby's address.
+    pub standby: SocketAddr,
+    /// The shared secret.
+    pub secret: Vec<u8>,
+    /// Time between checkpoints.
+    pub epoch_interval: Duration,
+    /// End an epoch early once this many pages are dirty.
+    pub max_dirty_pages: usize,
+    /// Pages per staging slot.
+    pub slot_pages: usize,
+    /// Number of staging slots.
+    pub slots: usize,
+    /// Heartbeats.
+    pub heartbeat: Heartbeat,
+    /// How often to log a summary line (info level).
+    pub summary_every: Duration,
+}
+
+impl PrimaryConfig {
+    /// Defaults for a guest of `guest_pages` pages: slots of an eighth of the guest (between
+    /// 1,024 and 65,536 pages), two of them, epochs end early at half a slot.
+    pub fn new(standby: SocketAddr, secret: Vec<u8>, guest_pages: u64) -> Self {
+        let slot_pages = (guest_pages / 8).clamp(1024, 65_536) as usize;
+        PrimaryConfig {
+            standby,
+            secret,
+            epoch_interval: Duration::from_millis(20),
+            max_dirty_pages: slot_pages / 2,
+            slot_pages,
+            slots: 2,
+            heartbeat: Heartbeat::default(),
+            summary_every: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the primary stopped protecting.
+#[derive(Debug, thiserror::Error)]
+pub enum PrimaryError {
+    /// The connection failed.
+    #[error("Link to the standby failed")]
+    Link(#[from] LinkError),
+    /// The standby broke the protocol, refused, or went silent.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The guest failed (pause, harvest, state).
+    #[error("Guest operation failed: {0}")]
+    Guest(GuestError),
+    /// Staging failed.
+    #[error(transparent)]
+    Staging(#[from] StagingError),
+}
+
+/// Figures of a protection run.
+#[derive(Debug)]
+pub struct PrimaryStats {
+    /// Checkpoint epochs acknowledged.
+    pub checkpoints_acked: u64,
+    /// Last acknowledged epoch.
+    pub last_acked: u64,
+    /// Pages sent during the full sync.
+    pub sync_pages: u64,
+    /// Pause of the first checkpoint.
+    pub first_pause: Option<Duration>,
+    /// Pause per checkpoint, microseconds.
+    pub pause_us: Histogram<u64>,
+    /// Dirty pages per checkpoint.
+    pub pages: Histogram<u64>,
+    /// From handing an epoch to the sender until its ack, microseconds.
+    pub ack_us: Histogram<u64>,
+    /// Epochs too large for a slot (sent while paused).
+    pub oversize: u64,
+}
+
+impl PrimaryStats {
+    fn new() -> Self {
+        let h = || Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+        PrimaryStats {
+            checkpoints_acked: 0,
+            last_acked: 0,
+            sync_pages: 0,
+            first_pause: None,
+            pause_us: h(),
+            pages: h(),
+            ack_us: h(),
+            oversize: 0,
+        }
+    }
+}
+
+struct Payload {
+    _slot: Option<Arc<Slot>>,
+    dirty: DirtySet,
+}
+
+struct Job {
+    header: EpochHeader,
+    slot: Arc<Slot>,
+}
+
+enum Event {
+    Message(Message),
+    Sent(u64),
+    Failed(LinkError),
+}
+
+/// A primary connected to its standby.
+pub struct Primary<'g, G: Guest> {
+    guest: &'g G,
+    config: PrimaryConfig,
+    ring: SlotRing,
+    core: PrimaryCore<Payload>,
+    writer: Arc<Mutex<FrameWriter<TcpStream>>>,
+    jobs: Option<Sender<Job>>,
+    events: Receiver<Event>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stream: TcpStream,
+    sent_up_to: u64,
+    staged_up_to: u64,
+    stats: PrimaryStats,
+    last_summary: (Instant, u64),
+    /// Pages peeked from the dirty log during the current epoch (put back on failure).
+    pending: DirtySet,
+}
+
+impl<G: Guest> std::fmt::Debug for Primary<'_, G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Primary")
+            .field("config", &self.config)
+            .field("last_acked", &self.core.last_acked())
+            .finish()
+    }
+}
+
+impl<'g, G: Guest> Primary<'g, G> {
+    /// Connects to the standby and completes the handshake.
+    pub fn connect(guest: &'g G, config: PrimaryConfig) -> Result<Self, PrimaryError> {
+        let layout = Layout {
+            page_size: 4096,
+            regions: guest.regions(),
+            vcpus: guest.vcpus(),
+            slot_pages: config.slot_pages as u32,
+            slot_count: config.slots as u32,
+            features: 0,
+        };
+        let ring = SlotRing::new(
+            SlotLayout {
+                slot_pages: config.slot_pages,
+                max_state: MAX_STATE_LEN as usize,
+            },
+            config.slots,
+        )?;
+        let stream = tcp::connect(config.standby, Duration::from_secs(5))?;
+        let io = |source| LinkError::Io {
+            what: "setting up the connection",
+            source,
+        };
+        stream
+            .set_read_timeout(Some(config.heartbeat.interval))
+            .map_err(io)?;
+        let mut reader = FrameReader::new(stream.try_clone().map_err(io)?);
+        let mut writer = FrameWriter::new(stream.try_clone().map_err(io)?);
+        let now = Instant::now();
+        let (mut core, hello) =
+            PrimaryCore::new(&config.secret, layout, auth::nonce(), config.heartbeat, now);
+        writer.send(&hello)?;
+        let deadline = now + Duration::from_secs(5);
+        let mut idle = || {
+            if Instant::now() > deadline {
+                Err("The standby did not complete the handshake within 5 s".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        loop {
+            let msg = reader.next_message(&mut idle)?;
+            match core.on_message(msg, Instant::now())? {
+                PrimaryAction::Send(m) => writer.send(&m)?,
+                PrimaryAction::Established { last_applied } => {
+                    info!(standby = %config.standby, last_applied, "standby accepted: protection starting");
+                    break;
+                }
+                PrimaryAction::None | PrimaryAction::Acked(_) => {}
+            }
+        }
+        let writer = Arc::new(Mutex::new(writer));
+        let (ev_tx, events) = unbounded();
+        let (jobs, job_rx) = unbounded::<Job>();
+        let threads = vec![
+            spawn_sender(writer.clone(), job_rx, ev_tx.clone()),
+            spawn_reader(reader, ev_tx),
+        ];
+        Ok(Primary {
+            guest,
+            config,
+            ring,
+            last_summary: (Instant::now(), core.last_acked()),
+            sent_up_to: core.next_epoch() - 1,
+            staged_up_to: core.next_epoch() - 1,
+            core,
+            writer,
+            jobs: Some(jobs),
+            events,
+            threads,
+            stream,
+            stats: PrimaryStats::new(),
+            pending: DirtySet::empty(&guest.regions()),
+        })
+    }
+
+    /// Runs the full sync, then checkpoints until `stop` is set or the link fails. When `stop`
+    /// is set it takes a last checkpoint, leaves the guest paused, waits for the ack and returns:
+    /// the standby then holds exactly the paused guest (the caller resumes or drops it). On
+    /// failure every unacknowledged epoch's dirty pages are put back into the guest's log and
+    /// the guest keeps running.
+    pub fn run(mut self, stop: &AtomicBool) -> Result<PrimaryStats, PrimaryError> {
+        let result = self.protect(stop);
+        if result.is_err() {
+            let empty = DirtySet::empty(&self.guest.regions());
+            self.guest
+                .put_back(std::mem::replace(&mut self.pending, empty));
+            let lost = self.core.abandon();
+            let n = lost.len();
+            for f in lost {
+                self.guest.put_back(f.payload.dirty);
+            }
+            if n > 0 {
+                warn!(epochs = n, "dirty pages of unacknowledged epochs put back");
+            }
+        }
+        self.shutdown();
+        result.map(|()| self.stats)
+    }
+
+    fn protect(&mut self, stop: &AtomicBool) -> Result<(), PrimaryError> {
+        self.full_sync()?;
+        let mut epoch_start = Instant::now();
+        loop {
+            let last = stop.load(Ordering::Acquire);
+            if !last {
+                // Let the epoch run, peeking at the dirty log to end it early.
+                let deadline = epoch_start + self.config.epoch_interval;
+                loop {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    self.process_events(Some((deadline - now).min(PEEK_EVERY)))?;
+                    let peeked = self.guest.harvest().map_err(PrimaryError::Guest)?;
+                    self.pending.union_with(&peeked);
+                    if self.pending.len() >= self.config.max_dirty_pages
+                        || stop.load(Ordering::Acquire)
+                    {
+                        break;
+                    }
+                }
+            }
+            let slot = self.wait_for_slot()?;
+            epoch_start = Instant::now();
+            let pending =
+                std::mem::replace(&mut self.pending, DirtySet::empty(&self.guest.regions()));
+            self.checkpoint(slot, pending, !last)?;
+            self.summary();
+            if last {
+                let r = self.drain_acks(Duration::from_secs(10));
+                if r.is_err() {
+                    self.guest.resume();
+                }
+                return r;
+            }
+        }
+    }
+
+    fn full_sync(&mut self) -> Result<(), PrimaryError> {
+        let start = Instant::now();
+        self.guest.harvest().map_err(PrimaryError::Guest)?;
+        let mut to_send = DirtySet::full(&self.guest.regions());
+        let threshold = self
+            .config
+            .max_dirty_pages
+            .min(self.config.slot_pages / 2)
+            .max(1);
+        for round in 0..MAX_SYNC_ROUNDS {
+            let n = to_send.len();
+            let pages: Vec<GuestAddress> = to_send.pages().collect();
+            for chunk in pages.chunks(self.config.slot_pages) {
+                let mut slot = self.wait_for_slot()?;
+                slot.gather(self.guest.memory(), chunk)?;
+                let mut set = DirtySet::empty(&self.guest.regions());
+                chunk.iter().for_each(|p| set.insert(p.0));
+                self.hand_over(EpochKind::Sync, slot, set)?;
+            }
+            self.stats.sync_pages += n as u64;
+            to_send = self.guest.harvest().map_err(PrimaryError::Guest)?;
+            debug!(round, sent = n, dirtied = to_send.len(), "full sync round");
+            if to_send.len() <= threshold {
+                break;
+            }
+        }
+        // What is still dirty goes into the first checkpoint.
+        self.guest.put_back(to_send);
+        info!(
+            pages = self.stats.sync_pages,
+            ms = start.elapsed().as_millis() as u64,
+            "full sync sent while the guest ran"
+        );
+        Ok(())
+    }
+
+    fn wait_for_slot(&mut self) -> Result<Slot, PrimaryError> {
+        loop {
+            if let Some(s) = self.ring.try_acquire() {
+                return Ok(s);
+            }
+            // All slots in flight: the standby is slow. The guest keeps running meanwhile.
+            self.process_events(Some(PEEK_EVERY))?;
+        }
+    }
+
+    /// One checkpoint: the pause is everything between `pause()` and `resume()`. With
+    /// `resume == false` the guest stays paused afterwards (the last checkpoint).
+    fn checkpoint(
+        &mut self,
+        mut slot: Slot,
+        pending: DirtySet,
+        resume: bool,
+    ) -> Result<(), PrimaryError> {
+        let guest = self.guest;
+        let t0 = Instant::now();
+        guest.pause();
+        let mut dirty = match guest.harvest() {
+            Ok(d) => d,
+            Err(e) => {
+                guest.put_back(pending);
+                guest.resume();
+                return Err(PrimaryError::Guest(e));
+            }
+        };
+        dirty.union_with(&pending);
+        let staged = (|| {
+            let state = guest.save_state().map_err(PrimaryError::Guest)?;
+            let pages: Vec<GuestAddress> = dirty.pages().collect();
+            if pages.len() > slot.capacity() {
+                return Ok((state, pages, false));
+            }
+            slot.gather(guest.memory(), &pages)?;
+            slot.set_state(&state)?;
+            Ok::<_, PrimaryError>((state, pages, true))
+        })();
+        let (state, pages, fits) = match staged {
+            Ok(x) => x,
+            Err(e) => {
+                // Nothing of this epoch was sent: its pages go back to the log.
+                guest.put_back(dirty);
+                guest.resume();
+                return Err(e);
+            }
+        };
+        if !fits {
+            let r = self.send_oversize(slot, dirty, &state, &pages);
+            if resume || r.is_err() {
+                guest.resume();
+            }
+            let pause = t0.elapsed();
+            self.record_pause(pause, pages.len());
+            warn!(
+                pages = pages.len(),
+                slot_pages = self.config.slot_pages,
+                pause_ms = pause.as_millis() as u64,
+                "epoch larger than a slot was sent while paused (raise --slot-pages or lower --max-dirty-pages)"
+            );
+            return r;
+        }
+        if resume {
+            guest.resume();
+        }
+        let pause = t0.elapsed();
+        self.record_pause(pause, pages.len());
+        let r = self.hand_over(EpochKind::Checkpoint, slot, dirty);
+        if r.is_err() && !resume {
+            guest.resume();
+        }
+        r
+    }
+
+    fn record_pause(&mut self, pause: Duration, pages: usize) {
+        if self.stats.first_pause.is_none() {
+            self.stats.first_pause = Some(pause);
+            info!(
+                pause_us = pause.as_micros() as u64,
+                pages, "first checkpoint taken"
+            );
+        }
+        let _ = self
+            .stats
+            .pause_us
+            .record((pause.as_micros() as u64).max(1));
+        let _ = self.stats.pages.record((pages as u64).max(1));
+    }
+
+    fn hand_over(
+        &mut self,
+        kind: EpochKind,
+        slot: Slot,
+        dirty: DirtySet,
+    ) -> Result<(), PrimaryError> {
+        let slot = Arc::new(slot);
+        let state_len = if kind == EpochKind::Checkpoint {
+            slot.state().len() as u32
+        } else {
+            0
+        };
+        let header = self.core.begin_epoch(
+            kind,
+            slot.pages() as u64,
+            state_len,
+            Payload {
+                _slot: Some(slot.clone()),
+                dirty,
+            },
+            Instant::now(),
+        );
+        self.staged_up_to = header.epoch;
+        let jobs = self.jobs.as_ref().expect("sender running");
+        if jobs.send(Job { header, slot }).is_err() {
+            // The sender thread ended: it reported why on the event channel.
+            self.process_events(Some(Duration::from_millis(100)))?;
+        }
+        Ok(())
+    }
+
+    /// Sends an epoch that does not fit a slot, piece by piece, with the guest paused.
+    fn send_oversize(
+        &mut self,
+        mut slot: Slot,
+        dirty: DirtySet,
+        state: &[u8],
+        pages: &[GuestAddress],
+    ) -> Result<(), PrimaryError> {
+        self.stats.oversize += 1;
+        // Everything queued before must be on the wire first.
+        while self.sent_up_to < self.staged_up_to {
+            self.process_events(Some(PEEK_EVERY))?;
+        }
+        let header = self.core.begin_epoch(
+            EpochKind::Checkpoint,
+            pages.len() as u64,
+            state.len() as u32,
+            Payload { _slot: None, dirty },
+            Instant::now(),
+        );
+        let index: Vec<u8> = pages.iter().flat_map(|p| p.0.to_le_bytes()).collect();
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(&index);
+        let mut w = self.writer.lock();
+        let mut head = Vec::new();
+        wire::encode(&Message::EpochHeader(header), &mut head);
+        let body_len = index.len() as u64 + pages.len() as u64 * 4096 + state.len() as u64;
+        wire::encode_body_header(body_len, &mut head);
+        w.send_raw(&[&head, &index])?;
+        for chunk in pages.chunks(slot.capacity()) {
+            slot.clear();
+            slot.gather(self.guest.memory(), chunk)?;
+            hasher.update(slot.data());
+            w.send_raw(&[slot.data()])?;
+        }
+        hasher.update(state);
+        w.send_raw(&[state])?;
+        w.send(&Message::Commit {
+            epoch: header.epoch,
+            checksum: hasher.digest(),
+        })?;
+        self.staged_up_to = header.epoch;
+        self.sent_up_to = header.epoch;
+        Ok(())
+    }
+
+    /// Handles link events for up to `wait` (`None`: only what is already there).
+    fn process_events(&mut self, wait: Option<Duration>) -> Result<(), PrimaryError> {
+        let mut first = true;
+        loop {
+            let ev = match (first, wait) {
+                (true, Some(d)) => match self.events.recv_timeout(d) {
+                    Ok(ev) => ev,
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        unreachable!("the primary holds a sender")
+                    }
+                },
+                _ => match self.events.try_recv() {
+                    Ok(ev) => ev,
+                    Err(_) => break,
+                },
+            };
+            first = false;
+            match ev {
+                Event::Failed(e) => return Err(e.into()),
+                Event::Sent(epoch) => {
+                    self.sent_up_to = epoch;
+                    self.core.sent(Instant::now());
+                }
+                Event::Message(m) => {
+                    let now = Instant::now();
+                    if let PrimaryAction::Acked(done) = self.core.on_message(m, now)? {
+                        self.acked(done, now);
+                    }
+                }
+            }
+        }
+        if let Some(hb) = self.core.tick(Instant::now())? {
+            self.writer.lock().send(&hb)?;
+        }
+        Ok(())
+    }
+
+    fn acked(&mut self, done: Vec<InFlight<Payload>>, now: Instant) {
+        for f in done {
+            if f.kind == EpochKind::Checkpoint {
+                self.stats.checkpoints_acked += 1;
+                let us = now.saturating_duration_since(f.sent_at).as_micros() as u64;
+                let _ = self.stats.ack_us.record(us.max(1));
+            }
+            self.stats.last_acked = f.epoch;
+            // Dropping the payload releases its slot (once the sender is done with it too).
+        }
+    }
+
+    fn drain_acks(&mut self, timeout: Duration) -> Result<(), PrimaryError> {
+        let deadline = Instant::now() + timeout;
+        while self.core.in_flight() > 0 {
+            if Instant::now() > deadline {
+                return Err(PrimaryError::Link(LinkError::Aborted(format!(
+                    "The standby did not acknowledge the last {} epochs within {timeout:?}",
+                    self.core.in_flight()
+                ))));
+            }
+            self.process_events(Some(PEEK_EVERY))?;
+        }
+        Ok(())
+    }
+
+    fn summary(&mut self) {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last_summary.0);
+        if elapsed < self.config.summary_every {
+            return;
+        }
+        let s = &self.stats;
+        let epochs = s.checkpoints_acked - self.last_summary.1;
+        info!(
+            epochs_per_s = format_args!("{:.0}", epochs as f64 / elapsed.as_secs_f64()),
+            pages_per_epoch = format_args!("{:.0}", s.pages.mean()),
+            pause_p50_us = s.pause_us.value_at_quantile(0.5),
+            pause_p99_us = s.pause_us.value_at_quantile(0.99),
+            ack_p50_us = s.ack_us.value_at_quantile(0.5),
+            last_acked = s.last_acked,
+            "protecting"
+        );
+        self.last_summary = (now, s.checkpoints_acked);
+    }
+
+    fn shutdown(&mut self) {
+        self.jobs = None;
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn_sender(
+    writer: Arc<Mutex<FrameWriter<TcpStream>>>,
+    jobs: Receiver<Job>,
+    events: Sender<Event>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("rmc-sender".into())
+        .spawn(move || {
+            for job in jobs {
+                let slot = &job.slot;
+                let parts = [slot.index_bytes(), slot.data(), slot.state()];
+                let parts = if job.header.kind == EpochKind::Sync {
+                    &parts[..2]
+                } else {
+                    &parts[..]
+                };
+                let commit = Message::Commit {
+                    epoch: job.header.epoch,
+                    checksum: wire::checksum(parts),
+                };
+                let r = writer.lock().send_epoch(&job.header, parts, &commit);
+                let ev = match r {
+                    Ok(()) => Event::Sent(job.header.epoch),
+                    Err(e) => Event::Failed(e),
+                };
+                let failed = matches!(ev, Event::Failed(_));
+                if events.send(ev).is_err() || failed {
+                    return;
+                }
+            }
+        })
+        .expect("spawn sender thread")
+}
+
+fn spawn_reader(
+    mut reader: FrameReader<TcpStream>,
+    events: Sender<Event>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("rmc-reader".into())
+        .spawn(move || loop {
+            // Read timeouts only let the loop notice that the primary went away; liveness is
+            // judged by the core from the messages that do arrive.
+            let mut idle = || Ok(());
+            let ev = match reader.next_message(&mut idle) {
+                Ok(m) => Event::Message(m),
+                Err(e) => Event::Failed(e),
+            };
+            let failed = matches!(ev, Event::Failed(_));
+            if events.send(ev).is_err() || failed {
+                return;
+            }
+        })
+        .expect("spawn reader thread")
+}
