@@ -767,3 +767,394 @@ pub mod auth {
             == hmac::digest::CtOutput::<Hmac<Sha256>>::new((*b).into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout {
+            page_size: 4096,
+            regions: vec![(0, 3 << 30), (4 << 30, 1 << 30)],
+            vcpus: 2,
+            slot_pages: 1024,
+            slot_count: 2,
+            features: 0,
+        }
+    }
+
+    fn all_messages() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                version: PROTOCOL_VERSION,
+                nonce: [3; NONCE_LEN],
+            },
+            Message::Challenge {
+                nonce: [4; NONCE_LEN],
+                proof: [5; NONCE_LEN],
+            },
+            Message::Auth {
+                proof: [6; NONCE_LEN],
+                layout: layout(),
+            },
+            Message::Accept { last_applied: 77 },
+            Message::Refuse {
+                reason: "layout mismatch: é".into(),
+            },
+            Message::EpochHeader(EpochHeader {
+                epoch: 9,
+                kind: EpochKind::Checkpoint,
+                page_count: 300,
+                state_len: 8000,
+            }),
+            Message::EpochHeader(EpochHeader {
+                epoch: 1,
+                kind: EpochKind::Sync,
+                page_count: 1,
+                state_len: 0,
+            }),
+            Message::Commit {
+                epoch: 9,
+                checksum: 0xdead_beef_0bad_f00d,
+            },
+            Message::Ack { epoch: 9 },
+            Message::Heartbeat { seq: u64::MAX },
+        ]
+    }
+
+    fn frame(m: &Message) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode(m, &mut v);
+        v
+    }
+
+    fn decode_frame(f: &[u8]) -> Result<Message, WireError> {
+        let h = decode_frame_header(f[..FRAME_HEADER_LEN].try_into().unwrap(), 0)?;
+        assert_eq!(h.len as usize, f.len() - FRAME_HEADER_LEN);
+        decode(h.ty, &f[FRAME_HEADER_LEN..])
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in all_messages() {
+            assert_eq!(decode_frame(&frame(&m)).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn frame_headers_are_checked() {
+        let mut f = frame(&Message::Ack { epoch: 1 });
+        f[0] = 0x2a;
+        assert_eq!(decode_frame(&f), Err(WireError::UnknownType(0x2a)));
+        assert_eq!(
+            WireError::UnknownType(0x2a).to_string(),
+            "Unknown message type 0x2a"
+        );
+        let mut f = frame(&Message::Ack { epoch: 1 });
+        f[3] = 1;
+        assert_eq!(decode_frame(&f), Err(WireError::Reserved));
+        let mut f = frame(&Message::Ack { epoch: 1 });
+        f[8..16].copy_from_slice(&(MAX_CONTROL_LEN + 1).to_le_bytes());
+        assert!(matches!(
+            decode_frame(&f),
+            Err(WireError::TooLong {
+                what: MsgType::Ack,
+                ..
+            })
+        ));
+        let mut body = Vec::new();
+        encode_body_header(1000, &mut body);
+        let b: &[u8; 16] = body[..16].try_into().unwrap();
+        assert_eq!(decode_frame_header(b, 1000).unwrap().len, 1000);
+        assert!(matches!(
+            decode_frame_header(b, 999),
+            Err(WireError::TooLong {
+                what: MsgType::EpochBody,
+                ..
+            })
+        ));
+        assert_eq!(
+            decode(MsgType::EpochBody, &[]),
+            Err(WireError::BodyAsMessage)
+        );
+    }
+
+    #[test]
+    fn payload_sizes_and_fields_are_checked() {
+        // Short and long payloads.
+        assert!(matches!(
+            decode(MsgType::Ack, &[0; 7]),
+            Err(WireError::Length {
+                expected: 8,
+                got: 7,
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode(MsgType::Commit, &[0; 17]),
+            Err(WireError::Length {
+                expected: 16,
+                got: 17,
+                ..
+            })
+        ));
+        // Bad magic, other version decoded for the caller to report.
+        let mut hello = frame(&Message::Hello {
+            version: 1,
+            nonce: [0; 32],
+        });
+        hello[FRAME_HEADER_LEN] = b'X';
+        assert_eq!(decode_frame(&hello), Err(WireError::BadMagic));
+        let v9 = decode_frame(&frame(&Message::Hello {
+            version: 9,
+            nonce: [0; 32],
+        }))
+        .unwrap();
+        assert!(matches!(v9, Message::Hello { version: 9, .. }));
+        // Epoch kind, epoch 0.
+        let mut h = frame(&Message::EpochHeader(EpochHeader {
+            epoch: 1,
+            kind: EpochKind::Sync,
+            page_count: 1,
+            state_len: 0,
+        }));
+        h[FRAME_HEADER_LEN + 8] = 7;
+        assert!(matches!(
+            decode_frame(&h),
+            Err(WireError::Field {
+                field: "epoch kind",
+                ..
+            })
+        ));
+        let h0 = frame(&Message::EpochHeader(EpochHeader {
+            epoch: 0,
+            kind: EpochKind::Sync,
+            page_count: 1,
+            state_len: 0,
+        }));
+        assert!(matches!(
+            decode_frame(&h0),
+            Err(WireError::Field {
+                field: "epoch number",
+                ..
+            })
+        ));
+        // A region count that promises more than the payload holds, or too many.
+        let mut a = frame(&Message::Auth {
+            proof: [0; 32],
+            layout: layout(),
+        });
+        let count_at = FRAME_HEADER_LEN + 32 + 20;
+        a[count_at..count_at + 4].copy_from_slice(&3u32.to_le_bytes());
+        assert!(matches!(
+            decode_frame(&a),
+            Err(WireError::Length {
+                what: MsgType::Auth,
+                ..
+            })
+        ));
+        a[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decode_frame(&a),
+            Err(WireError::Field {
+                field: "layout region count",
+                ..
+            })
+        ));
+        // Refuse reasons must be UTF-8.
+        assert!(matches!(
+            decode(MsgType::Refuse, &[0xff, 0xfe]),
+            Err(WireError::Field { .. })
+        ));
+    }
+
+    #[test]
+    fn layouts_are_validated() {
+        assert!(layout().validate().is_ok());
+        let bad = [
+            Layout {
+                page_size: 8192,
+                ..layout()
+            },
+            Layout {
+                regions: vec![],
+                ..layout()
+            },
+            Layout {
+                regions: vec![(0, 4096), (0, 4096)],
+                ..layout()
+            },
+            Layout {
+                regions: vec![(1, 4096)],
+                ..layout()
+            },
+            Layout {
+                regions: vec![(0, 0)],
+                ..layout()
+            },
+            Layout {
+                regions: vec![(u64::MAX - 4095, 8192)],
+                ..layout()
+            },
+            Layout {
+                vcpus: 0,
+                ..layout()
+            },
+            Layout {
+                slot_count: 1,
+                ..layout()
+            },
+            Layout {
+                slot_pages: 0,
+                ..layout()
+            },
+            Layout {
+                features: 1,
+                ..layout()
+            },
+        ];
+        for l in bad {
+            assert!(
+                matches!(l.validate(), Err(WireError::Field { .. })),
+                "{l:?} accepted"
+            );
+        }
+        assert_eq!(layout().total_pages(), (4u64 << 30) / 4096);
+    }
+
+    #[test]
+    fn body_lengths_follow_header_and_layout() {
+        let h = |kind, page_count, state_len| EpochHeader {
+            epoch: 1,
+            kind,
+            page_count,
+            state_len,
+        };
+        let l = layout();
+        assert_eq!(
+            h(EpochKind::Checkpoint, 2, 10).body_len(&l),
+            Ok(2 * 8 + 2 * 4096 + 10)
+        );
+        assert_eq!(h(EpochKind::Sync, 3, 0).body_len(&l), Ok(3 * 4104));
+        assert!(h(EpochKind::Sync, 1, 5).body_len(&l).is_err());
+        assert!(h(EpochKind::Checkpoint, 1, 0).body_len(&l).is_err());
+        assert!(h(EpochKind::Checkpoint, 1, MAX_STATE_LEN + 1)
+            .body_len(&l)
+            .is_err());
+        assert!(h(EpochKind::Checkpoint, l.total_pages() + 1, 1)
+            .body_len(&l)
+            .is_err());
+        assert!(h(EpochKind::Checkpoint, u64::MAX, 1).body_len(&l).is_err());
+    }
+
+    #[test]
+    fn page_indexes_are_validated() {
+        let l = layout();
+        assert!(validate_index(&[0, 4096, 4 << 30], &l).is_ok());
+        assert_eq!(
+            validate_index(&[0, 4097], &l),
+            Err(WireError::IndexUnaligned {
+                entry: 1,
+                addr: 4097
+            })
+        );
+        assert_eq!(
+            validate_index(&[3 << 30], &l),
+            Err(WireError::IndexOutside {
+                entry: 0,
+                addr: 3 << 30
+            })
+        );
+        assert_eq!(
+            validate_index(&[5 << 30], &l),
+            Err(WireError::IndexOutside {
+                entry: 0,
+                addr: 5 << 30
+            })
+        );
+        assert_eq!(
+            validate_index(&[8192, 4096], &l),
+            Err(WireError::IndexOrder {
+                entry: 1,
+                addr: 4096,
+                prev: 8192
+            })
+        );
+        assert_eq!(
+            validate_index(&[4096, 4096], &l),
+            Err(WireError::IndexOrder {
+                entry: 1,
+                addr: 4096,
+                prev: 4096
+            })
+        );
+        assert!(WireError::IndexOutside {
+            entry: 3,
+            addr: 0x1000
+        }
+        .to_string()
+        .contains("entry 3 (0x1000)"));
+    }
+
+    #[test]
+    fn checksum_is_xxh3_of_the_concatenation() {
+        let (a, b, c) = (vec![1u8; 5000], vec![2u8; 3], b"state".to_vec());
+        let whole = [a.clone(), b.clone(), c.clone()].concat();
+        assert_eq!(checksum(&[&a, &b, &c]), xxhash_rust::xxh3::xxh3_64(&whole));
+        assert_ne!(checksum(&[&a, &b, &c]), checksum(&[&a, &c, &b]));
+    }
+
+    #[test]
+    fn proofs_bind_secret_direction_and_nonces() {
+        let (n1, n2) = ([1u8; 32], [2u8; 32]);
+        let p = auth::primary_proof(b"secret", &n1, &n2);
+        assert!(auth::proofs_equal(
+            &p,
+            &auth::primary_proof(b"secret", &n1, &n2)
+        ));
+        assert!(!auth::proofs_equal(
+            &p,
+            &auth::primary_proof(b"secreT", &n1, &n2)
+        ));
+        assert!(!auth::proofs_equal(
+            &p,
+            &auth::primary_proof(b"secret", &n2, &n1)
+        ));
+        assert!(!auth::proofs_equal(
+            &p,
+            &auth::standby_proof(b"secret", &n1, &n2)
+        ));
+        assert_ne!(auth::nonce(), auth::nonce());
+    }
+
+    #[test]
+    fn random_and_truncated_input_never_panics() {
+        // A small xorshift generator: deterministic, no extra dependency.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let frames: Vec<Vec<u8>> = all_messages().iter().map(frame).collect();
+        for i in 0..20_000 {
+            let mut f = frames[i % frames.len()].clone();
+            match rnd() % 3 {
+                0 => f.truncate((rnd() as usize) % (f.len() + 1)),
+                1 => {
+                    let at = (rnd() as usize) % f.len();
+                    f[at] = rnd() as u8;
+                }
+                _ => f = (0..(rnd() % 200) as usize).map(|_| rnd() as u8).collect(),
+            }
+            if f.len() >= FRAME_HEADER_LEN {
+                if let Ok(h) = decode_frame_header(f[..16].try_into().unwrap(), 1 << 20) {
+                    let end = FRAME_HEADER_LEN + (h.len as usize).min(f.len() - FRAME_HEADER_LEN);
+                    let _ = decode(h.ty, &f[FRAME_HEADER_LEN..end]);
+                }
+            }
+            let _ = decode(MsgType::Auth, &f);
+        }
+    }
+}
