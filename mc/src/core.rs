@@ -57,9 +57,14 @@ pub enum ProtocolError {
         /// Which side failed to prove itself.
         peer: &'static str,
     },
-    /// The standby refused the connection.
-    #[error("The standby refused the connection: {0}")]
-    Refused(String),
+    /// The peer refused the connection.
+    #[error("The {peer} refused the connection: {reason}")]
+    Refused {
+        /// Which peer.
+        peer: &'static str,
+        /// Its reason.
+        reason: String,
+    },
     /// The layouts of the two sides do not match.
     #[error("Memory layout mismatch: {0}")]
     LayoutMismatch(String),
@@ -281,7 +286,10 @@ impl<T> PrimaryCore<T> {
         let got = msg_type(&msg);
         let unexpected = |state| ProtocolError::Unexpected { got, state };
         match (self.phase, msg) {
-            (_, Message::Refuse { reason }) => Err(ProtocolError::Refused(reason)),
+            (_, Message::Refuse { reason }) => Err(ProtocolError::Refused {
+                peer: "standby",
+                reason,
+            }),
             (PrimaryPhase::AwaitChallenge, Message::Challenge { nonce, proof }) => {
                 let expected = auth::standby_proof(&self.secret, &self.hello_nonce, &nonce);
                 if !auth::proofs_equal(&expected, &proof) {
@@ -505,6 +513,11 @@ impl StandbyCore {
         }
     }
 
+    /// Whether the handshake is still under way.
+    pub fn in_handshake(&self) -> bool {
+        self.layout.is_none()
+    }
+
     /// The agreed layout, once established.
     pub fn layout(&self) -> Option<&Layout> {
         self.layout.as_ref()
@@ -539,6 +552,10 @@ impl StandbyCore {
             state,
         };
         match (&self.phase, msg) {
+            (_, Message::Refuse { reason }) => Err(ProtocolError::Refused {
+                peer: "primary",
+                reason,
+            }),
             (_, Message::Heartbeat { .. })
                 if !matches!(
                     self.phase,
@@ -1055,6 +1072,12 @@ mod tests {
                 now,
             )
             .unwrap_err();
-        assert_eq!(err, ProtocolError::Refused("busy".into()));
+        assert_eq!(
+            err,
+            ProtocolError::Refused {
+                peer: "standby",
+                reason: "busy".into()
+            }
+        );
     }
 }

@@ -223,7 +223,19 @@ impl<'g, G: Guest> Primary<'g, G> {
         };
         loop {
             let msg = reader.next_message(&mut idle)?;
-            match core.on_message(msg, Instant::now())? {
+            let action = match core.on_message(msg, Instant::now()) {
+                Ok(a) => a,
+                Err(e) => {
+                    // Tell the standby why, then end the connection.
+                    if !matches!(e, ProtocolError::Refused { .. }) {
+                        let _ = writer.send(&Message::Refuse {
+                            reason: e.to_string(),
+                        });
+                    }
+                    return Err(e.into());
+                }
+            };
+            match action {
                 PrimaryAction::Send(m) => writer.send(&m)?,
                 PrimaryAction::Established { last_applied } => {
                     info!(standby = %config.standby, last_applied, "standby accepted: protection starting");

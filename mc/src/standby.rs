@@ -18,7 +18,7 @@ use std::time::Instant;
 use rmc_staging::{SlotLayout, SlotRing, StagingError};
 use rmc_transport::tcp::{self, FrameReader, FrameWriter, LinkError};
 use rmc_transport::wire::{
-    self, auth, EpochHeader, EpochKind, Layout, MsgType, WireError, MAX_STATE_LEN,
+    self, auth, EpochHeader, EpochKind, Layout, Message, MsgType, WireError, MAX_STATE_LEN,
 };
 use tracing::{debug, info};
 use vm_memory::bitmap::AtomicBitmap;
@@ -80,6 +80,9 @@ pub enum StandbyError {
     /// The backup could not be allocated or written.
     #[error("Backup memory: {0}")]
     Backup(String),
+    /// The primary closed the connection before the handshake completed.
+    #[error("Connection closed by the primary during the handshake")]
+    HandshakeClosed,
     /// The connection ended in the middle of an epoch, which is discarded.
     #[error("Connection closed in the middle of epoch {epoch}; the partial epoch is discarded")]
     Incomplete {
@@ -191,6 +194,7 @@ impl Standby {
                 Err(LinkError::Closed { got: 0, .. }) => {
                     return match core.epoch_in_progress() {
                         Some(epoch) => Err(StandbyError::Incomplete { epoch }),
+                        None if core.in_handshake() => Err(StandbyError::HandshakeClosed),
                         // An orderly close between epochs.
                         None => Ok(()),
                     };
@@ -212,7 +216,19 @@ impl Standby {
                 continue;
             }
             let msg = reader.read_message(h, &mut idler(&mut core, &mut writer))?;
-            match core.on_message(msg, auth::nonce(), Instant::now())? {
+            let action = match core.on_message(msg, auth::nonce(), Instant::now()) {
+                Ok(a) => a,
+                Err(e) => {
+                    // Tell the primary why, if it still listens; then end the connection.
+                    if !matches!(e, ProtocolError::Refused { .. }) {
+                        let _ = writer.send(&Message::Refuse {
+                            reason: e.to_string(),
+                        });
+                    }
+                    return Err(e.into());
+                }
+            };
+            match action {
                 StandbyAction::None | StandbyAction::ExpectBody { .. } => {}
                 StandbyAction::Send(m) => writer.send(&m)?,
                 StandbyAction::Established { layout, accept } => {

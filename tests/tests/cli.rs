@@ -163,3 +163,153 @@ fn run_stops_after_duration_and_reports() {
     std::io::Read::read_to_string(child.0.stdout.as_mut().unwrap(), &mut s).unwrap();
     assert!(s.contains("rmc: VM stopped after"), "{s}");
 }
+
+/// Starts `rmc standby` serving `sessions` connections; returns it and its address.
+fn start_standby(secret: &std::path::Path, sessions: u32) -> (Child, String) {
+    let mut child = Command::new(rmc_bin())
+        .args([
+            "standby",
+            "--listen",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+            "--sessions",
+        ])
+        .arg(sessions.to_string())
+        .arg("--secret-file")
+        .arg(secret)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start rmc standby");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("rmc: standby listening on tcp ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    // Keep reading its output in the background; hand it back through the child's stdout.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+        let _ = tx.send(rest);
+    });
+    STANDBY_OUT.with(|o| *o.borrow_mut() = Some(rx));
+    (child, addr)
+}
+
+thread_local! {
+    static STANDBY_OUT: std::cell::RefCell<Option<std::sync::mpsc::Receiver<String>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn standby_output() -> String {
+    STANDBY_OUT.with(|o| {
+        o.borrow_mut()
+            .take()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap()
+    })
+}
+
+fn secret_file(dir: &std::path::Path, name: &str, content: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
+
+#[test]
+fn primary_and_standby_binaries_protect_a_vm() {
+    if !kvm_available("primary_and_standby_binaries_protect_a_vm") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("rmc-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = secret_file(&dir, "secret", "a secret of more than sixteen bytes\n");
+    let (standby, addr) = start_standby(&secret, 1);
+    let standby = Killed(standby);
+    let out = Command::new(rmc_bin())
+        .args([
+            "primary",
+            "--standby",
+            &addr,
+            "--listen",
+            "127.0.0.1:0",
+            "--memory",
+            "64M",
+        ])
+        .args(["--duration", "2", "--log", "warn", "--dirty-pages", "500"])
+        .arg("--secret-file")
+        .arg(&secret)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("rmc: protected by the standby at {addr}")),
+        "{stdout}"
+    );
+    let acked: u64 = stdout
+        .split("rmc: ")
+        .find_map(|l| l.split(" checkpoints acknowledged").next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no checkpoint count in {stdout}"));
+    assert!(acked > 20, "{stdout}");
+    let mut standby = standby;
+    assert!(standby.0.wait().unwrap().success());
+    let sout = standby_output();
+    assert!(
+        sout.contains("closed by the primary; backup: consistent checkpoint of epoch"),
+        "{sout}"
+    );
+}
+
+#[test]
+fn primary_with_wrong_secret_is_refused() {
+    if !kvm_available("primary_with_wrong_secret_is_refused") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("rmc-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = secret_file(&dir, "good", "the standby's secret, long enough");
+    let bad = secret_file(&dir, "bad", "another secret, also long enough");
+    let (standby, addr) = start_standby(&good, 1);
+    let mut standby = Killed(standby);
+    let out = Command::new(rmc_bin())
+        .args([
+            "primary",
+            "--standby",
+            &addr,
+            "--listen",
+            "127.0.0.1:0",
+            "--memory",
+            "32M",
+        ])
+        .args(["--log", "warn", "--secret-file"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Authentication failed: the standby does not hold the same secret"),
+        "{stderr}"
+    );
+    assert!(standby.0.wait().unwrap().success());
+    let sout = standby_output();
+    assert!(sout.contains("ended after 0 epochs: error:"), "{sout}");
+    // A too-short secret is refused before anything starts.
+    let short = secret_file(&dir, "short", "tiny");
+    let out = Command::new(rmc_bin())
+        .args(["standby", "--listen", "127.0.0.1:0", "--secret-file"])
+        .arg(&short)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use at least 16"));
+}
