@@ -371,6 +371,11 @@ impl<T> PrimaryCore<T> {
         self.live.last_sent = now;
     }
 
+    /// Evidence of life from the standby at `t`: it took a whole epoch off the connection.
+    pub fn heard(&mut self, t: Instant) {
+        self.live.last_heard = self.live.last_heard.max(t);
+    }
+
     /// The connection is gone: everything still in flight, oldest first.
     pub fn abandon(&mut self) -> Vec<InFlight<T>> {
         self.in_flight.drain(..).collect()
@@ -686,6 +691,12 @@ impl StandbyCore {
         Message::Ack {
             epoch: header.epoch,
         }
+    }
+
+    /// Evidence of life from the primary at `t` (bytes arrived), or time the standby spent on
+    /// its own work (allocating, applying), which must not count as the primary's silence.
+    pub fn heard(&mut self, t: Instant) {
+        self.live.last_heard = self.live.last_heard.max(t);
     }
 
     /// Call regularly: returns a heartbeat to send when one is due, or the primary's death.

@@ -40,6 +40,8 @@ use crate::{DirtySet, Guest, GuestError};
 
 /// How often the dirty log is peeked between pauses to end an epoch early.
 const PEEK_EVERY: Duration = Duration::from_millis(2);
+/// Sync epochs carry at most this many pages (32 MiB), so none keeps the standby busy long.
+const SYNC_CHUNK_PAGES: usize = 8192;
 /// Full sync stops iterating when at most this fraction of a slot is still dirty, or after
 /// `MAX_SYNC_ROUNDS` rounds.
 const MAX_SYNC_ROUNDS: usize = 8;
@@ -63,6 +65,9 @@ pub struct PrimaryConfig {
     pub heartbeat: Heartbeat,
     /// How often to log a summary line (info level).
     pub summary_every: Duration,
+    /// Stop by itself after protecting this long (counted from the end of the full sync), as
+    /// if `stop` had been set.
+    pub protect_for: Option<Duration>,
 }
 
 impl PrimaryConfig {
@@ -79,6 +84,7 @@ impl PrimaryConfig {
             slots: 2,
             heartbeat: Heartbeat::default(),
             summary_every: Duration::from_secs(5),
+            protect_for: None,
         }
     }
 }
@@ -119,6 +125,10 @@ pub struct PrimaryStats {
     pub ack_us: Histogram<u64>,
     /// Epochs too large for a slot (sent while paused).
     pub oversize: u64,
+    /// How long the full sync took.
+    pub sync_time: Duration,
+    /// How long checkpoints were taken (from the end of the full sync to the last ack).
+    pub protected_time: Duration,
 }
 
 impl PrimaryStats {
@@ -133,6 +143,8 @@ impl PrimaryStats {
             pages: h(),
             ack_us: h(),
             oversize: 0,
+            sync_time: Duration::ZERO,
+            protected_time: Duration::ZERO,
         }
     }
 }
@@ -214,7 +226,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             PrimaryCore::new(&config.secret, layout, auth::nonce(), config.heartbeat, now);
         writer.send(&hello)?;
         let deadline = now + Duration::from_secs(5);
-        let mut idle = || {
+        let mut idle = |_| {
             if Instant::now() > deadline {
                 Err("The standby did not complete the handshake within 5 s".to_string())
             } else {
@@ -295,9 +307,16 @@ impl<'g, G: Guest> Primary<'g, G> {
 
     fn protect(&mut self, stop: &AtomicBool) -> Result<(), PrimaryError> {
         self.full_sync()?;
-        let mut epoch_start = Instant::now();
+        let protect_start = Instant::now();
+        let mut epoch_start = protect_start;
+        let over = |cfg: &PrimaryConfig| {
+            stop.load(Ordering::Acquire)
+                || cfg
+                    .protect_for
+                    .is_some_and(|d| protect_start.elapsed() >= d)
+        };
         loop {
-            let last = stop.load(Ordering::Acquire);
+            let last = over(&self.config);
             if !last {
                 // Let the epoch run, peeking at the dirty log to end it early.
                 let deadline = epoch_start + self.config.epoch_interval;
@@ -324,6 +343,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             self.summary();
             if last {
                 let r = self.drain_acks(Duration::from_secs(10));
+                self.stats.protected_time = protect_start.elapsed();
                 if r.is_err() {
                     self.guest.resume();
                 }
@@ -344,7 +364,7 @@ impl<'g, G: Guest> Primary<'g, G> {
         for round in 0..MAX_SYNC_ROUNDS {
             let n = to_send.len();
             let pages: Vec<GuestAddress> = to_send.pages().collect();
-            for chunk in pages.chunks(self.config.slot_pages) {
+            for chunk in pages.chunks(self.config.slot_pages.min(SYNC_CHUNK_PAGES)) {
                 let mut slot = self.wait_for_slot()?;
                 slot.gather(self.guest.memory(), chunk)?;
                 let mut set = DirtySet::empty(&self.guest.regions());
@@ -360,6 +380,7 @@ impl<'g, G: Guest> Primary<'g, G> {
         }
         // What is still dirty goes into the first checkpoint.
         self.guest.put_back(to_send);
+        self.stats.sync_time = start.elapsed();
         info!(
             pages = self.stats.sync_pages,
             ms = start.elapsed().as_millis() as u64,
@@ -557,8 +578,11 @@ impl<'g, G: Guest> Primary<'g, G> {
             match ev {
                 Event::Failed(e) => return Err(e.into()),
                 Event::Sent(epoch) => {
+                    let now = Instant::now();
                     self.sent_up_to = epoch;
-                    self.core.sent(Instant::now());
+                    self.core.sent(now);
+                    // The standby took the whole epoch off the connection: it is alive.
+                    self.core.heard(now);
                 }
                 Event::Message(m) => {
                     let now = Instant::now();
@@ -672,7 +696,7 @@ fn spawn_reader(
         .spawn(move || loop {
             // Read timeouts only let the loop notice that the primary went away; liveness is
             // judged by the core from the messages that do arrive.
-            let mut idle = || Ok(());
+            let mut idle = |_| Ok(());
             let ev = match reader.next_message(&mut idle) {
                 Ok(m) => Event::Message(m),
                 Err(e) => Event::Failed(e),

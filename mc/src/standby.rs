@@ -233,6 +233,7 @@ impl Standby {
                 StandbyAction::Send(m) => writer.send(&m)?,
                 StandbyAction::Established { layout, accept } => {
                     self.prepare(&layout)?;
+                    core.heard(Instant::now());
                     writer.send(&accept)?;
                     core.sent(Instant::now());
                     info!(
@@ -245,6 +246,7 @@ impl Standby {
                 StandbyAction::Apply(header) => {
                     let b = body.take().expect("core orders apply only after a body");
                     self.apply(&header, &b)?;
+                    core.heard(Instant::now());
                     *epochs += 1;
                     let ack = core.applied();
                     writer.send(&ack)?;
@@ -298,7 +300,7 @@ impl Standby {
         &mut self,
         reader: &mut FrameReader<TcpStream>,
         header: EpochHeader,
-        idle: &mut dyn FnMut() -> Result<(), String>,
+        idle: &mut dyn FnMut(Instant) -> Result<(), String>,
     ) -> Result<Body, StandbyError> {
         let pages = header.page_count as usize;
         let state_len = header.state_len as usize;
@@ -388,8 +390,15 @@ impl Body {
 fn idler<'a>(
     core: &'a mut StandbyCore,
     writer: &'a mut FrameWriter<TcpStream>,
-) -> impl FnMut() -> Result<(), String> + 'a {
-    move || match core.tick(Instant::now()) {
+) -> impl FnMut(Instant) -> Result<(), String> + 'a {
+    move |last_data| {
+        core.heard(last_data);
+        idle_tick(core, writer)
+    }
+}
+
+fn idle_tick(core: &mut StandbyCore, writer: &mut FrameWriter<TcpStream>) -> Result<(), String> {
+    match core.tick(Instant::now()) {
         Ok(Some(hb)) => writer.send(&hb).map_err(|e| e.to_string()),
         Ok(None) => Ok(()),
         Err(e) => Err(e.to_string()),

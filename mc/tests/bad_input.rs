@@ -68,7 +68,7 @@ fn connect(addr: SocketAddr) -> Peer {
 }
 
 fn next(p: &mut Peer) -> Message {
-    p.r.next_message(&mut || Err("no answer from the standby".into()))
+    p.r.next_message(&mut |_| Err("no answer from the standby".into()))
         .unwrap()
 }
 
@@ -285,7 +285,7 @@ fn corrupted_page_data() {
             &Message::Commit { epoch: 3, checksum },
         )
         .unwrap();
-        let _ = p.r.next_message(&mut || Err("closed".into()));
+        let _ = p.r.next_message(&mut |_| Err("closed".into()));
     });
 }
 
@@ -303,7 +303,7 @@ fn page_index_outside_guest_memory() {
             },
         )
         .unwrap();
-        let _ = p.r.next_message(&mut || Err("closed".into()));
+        let _ = p.r.next_message(&mut |_| Err("closed".into()));
     });
 }
 
@@ -322,7 +322,7 @@ fn oversized_length_field() {
         );
         f[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
         p.raw.write_all(&f).unwrap();
-        let _ = p.r.next_message(&mut || Err("closed".into()));
+        let _ = p.r.next_message(&mut |_| Err("closed".into()));
     });
 }
 
@@ -334,7 +334,7 @@ fn unknown_message_type() {
         wire::encode(&Message::Heartbeat { seq: 1 }, &mut f);
         f[0] = 0x77;
         p.raw.write_all(&f).unwrap();
-        let _ = p.r.next_message(&mut || Err("closed".into()));
+        let _ = p.r.next_message(&mut |_| Err("closed".into()));
     });
 }
 
@@ -370,6 +370,6 @@ fn commit_before_data() {
             checksum: 0,
         })
         .unwrap();
-        let _ = p.r.next_message(&mut || Err("closed".into()));
+        let _ = p.r.next_message(&mut |_| Err("closed".into()));
     });
 }

@@ -12,12 +12,13 @@
 //! straight into the standby's staging slot.
 //!
 //! Reads run with a socket read timeout: when it fires, the caller's `idle` callback runs
-//! (send a heartbeat, check the peer's liveness) and the read resumes where it stopped, so a
-//! frame is never lost to a timeout.
+//! with the time the last bytes arrived (send a heartbeat, check the peer's liveness) and the
+//! read resumes where it stopped, so a frame is never lost to a timeout, and a peer that is
+//! busy streaming a large epoch is not mistaken for a silent one.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::wire::{self, EpochHeader, FrameHeader, Message, WireError, FRAME_HEADER_LEN};
 
@@ -74,6 +75,7 @@ pub fn configure(s: &TcpStream) -> Result<(), LinkError> {
 pub struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
+    last_data: Instant,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -82,15 +84,17 @@ impl<R: Read> FrameReader<R> {
         FrameReader {
             inner,
             buf: Vec::new(),
+            last_data: Instant::now(),
         }
     }
 
-    /// Fills `out` completely. On a read timeout runs `idle`, which may abort the read.
+    /// Fills `out` completely. On a read timeout runs `idle` with the time the last bytes
+    /// arrived; it may abort the read.
     pub fn read_full(
         &mut self,
         out: &mut [u8],
         what: &'static str,
-        idle: &mut dyn FnMut() -> Result<(), String>,
+        idle: &mut dyn FnMut(Instant) -> Result<(), String>,
     ) -> Result<(), LinkError> {
         let mut got = 0;
         while got < out.len() {
@@ -102,14 +106,17 @@ impl<R: Read> FrameReader<R> {
                         want: out.len(),
                     })
                 }
-                Ok(n) => got += n,
+                Ok(n) => {
+                    got += n;
+                    self.last_data = Instant::now();
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    idle().map_err(LinkError::Aborted)?
+                    idle(self.last_data).map_err(LinkError::Aborted)?
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(source) => return Err(LinkError::Io { what, source }),
@@ -122,7 +129,7 @@ impl<R: Read> FrameReader<R> {
     pub fn read_header(
         &mut self,
         max_body: u64,
-        idle: &mut dyn FnMut() -> Result<(), String>,
+        idle: &mut dyn FnMut(Instant) -> Result<(), String>,
     ) -> Result<FrameHeader, LinkError> {
         let mut h = [0u8; FRAME_HEADER_LEN];
         self.read_full(&mut h, "a frame header", idle)?;
@@ -133,7 +140,7 @@ impl<R: Read> FrameReader<R> {
     pub fn read_message(
         &mut self,
         h: FrameHeader,
-        idle: &mut dyn FnMut() -> Result<(), String>,
+        idle: &mut dyn FnMut(Instant) -> Result<(), String>,
     ) -> Result<Message, LinkError> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.resize(h.len as usize, 0);
@@ -146,7 +153,7 @@ impl<R: Read> FrameReader<R> {
     /// Reads the next frame, which must be a control message.
     pub fn next_message(
         &mut self,
-        idle: &mut dyn FnMut() -> Result<(), String>,
+        idle: &mut dyn FnMut(Instant) -> Result<(), String>,
     ) -> Result<Message, LinkError> {
         let h = self.read_header(0, idle)?;
         self.read_message(h, idle)
@@ -285,7 +292,7 @@ mod tests {
         w.send(&Message::Ack { epoch: 1 }).unwrap();
         let bytes = w.inner;
         let idles = std::cell::Cell::new(0);
-        let mut idle = || {
+        let mut idle = |_| {
             idles.set(idles.get() + 1);
             Ok(())
         };
@@ -330,7 +337,7 @@ mod tests {
         let mut bytes = w.inner;
         bytes.truncate(bytes.len() - 3);
         let mut r = FrameReader::new(&bytes[..]);
-        let err = r.next_message(&mut || Ok(())).unwrap_err();
+        let err = r.next_message(&mut |_| Ok(())).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -349,7 +356,7 @@ mod tests {
             flip: false,
         });
         let err = r
-            .next_message(&mut || Err("peer silent".to_string()))
+            .next_message(&mut |_| Err("peer silent".to_string()))
             .unwrap_err();
         assert_eq!(err.to_string(), "peer silent");
     }

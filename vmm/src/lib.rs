@@ -16,6 +16,7 @@
 //! crate knows about checkpoints travelling anywhere.
 
 pub mod arch;
+pub mod bench;
 mod devices;
 pub mod dirty;
 pub mod guest;

@@ -34,6 +34,8 @@ enum Command {
     Standby(StandbyArgs),
     /// Send requests to the counter service and print the replies.
     Client(ClientArgs),
+    /// Measure checkpoint pause, throughput and memory on this machine (standby in-process).
+    Bench(BenchArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,8 +83,9 @@ struct PrimaryArgs {
     slots: usize,
     #[command(flatten)]
     heartbeat: HeartbeatArgs,
-    /// Stop protecting after this many seconds: take a last checkpoint, wait for its ack,
-    /// print figures and exit (default: until killed).
+    /// Stop after protecting this many seconds (counted from the end of the full sync): take a
+    /// last checkpoint with the guest left paused, wait for its ack, print figures and exit
+    /// (default: until killed).
     #[arg(long)]
     duration: Option<f64>,
     /// Seconds between summary lines (epochs/s, pages per epoch, pause, ack latency).
@@ -106,6 +109,35 @@ struct StandbyArgs {
     /// Exit after serving this many primary connections (default: serve forever).
     #[arg(long)]
     sessions: Option<u64>,
+}
+
+#[derive(Parser, Debug)]
+struct BenchArgs {
+    /// Guest memory size.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    memory: u64,
+    /// Dirty pages per epoch, comma separated: one row each.
+    #[arg(long, value_delimiter = ',', default_value = "100,300,1000,10000")]
+    dirty_pages: Vec<u64>,
+    /// Seconds of protected run per row (after the full sync).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Who dirties the pages: `guest` (the guest's dirtier: real guest writes at the guest's
+    /// speed) or `host` (a host thread writing guest memory like a device, as fast as it can,
+    /// to measure the pipeline itself; its checkpoints are not consistent images).
+    #[arg(long, default_value = "guest")]
+    dirty_source: DirtySourceArg,
+    /// Print JSON (one object with a `rows` array) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum DirtySourceArg {
+    /// The guest's dirtier.
+    Guest,
+    /// A host thread writing like a device.
+    Host,
 }
 
 #[derive(Parser, Debug)]
@@ -243,6 +275,7 @@ fn main() -> ExitCode {
         Command::Primary(a) => primary(a),
         Command::Standby(a) => standby(a),
         Command::Client(a) => client(a),
+        Command::Bench(a) => bench(a),
     };
     match result {
         Ok(code) => code,
@@ -364,7 +397,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
 
 fn primary(a: PrimaryArgs) -> Result<ExitCode> {
     use rmc_mc::primary::{Primary, PrimaryConfig};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::AtomicBool;
     let secret = a.secret.read()?;
     let (vm, _) = start_vm(&a.vm)?;
     let mut config = PrimaryConfig::new(a.standby, secret, a.vm.memory / 4096);
@@ -382,29 +415,21 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
     config.slots = a.slots;
     config.heartbeat = a.heartbeat.get();
     config.summary_every = Duration::from_secs_f64(a.summary_interval.max(0.1));
+    config.protect_for = a.duration.map(|d| Duration::from_secs_f64(d.max(0.0)));
     let primary = Primary::connect(&vm, config)
         .with_context(|| format!("Cannot start protection with the standby at {}", a.standby))?;
     println!("rmc: protected by the standby at {}", a.standby);
     let stop = AtomicBool::new(false);
-    let stats = std::thread::scope(|s| {
-        if let Some(d) = a.duration {
-            let stop = &stop;
-            s.spawn(move || {
-                std::thread::sleep(Duration::from_secs_f64(d.max(0.0)));
-                stop.store(true, Ordering::Release);
-            });
-        }
-        let r = primary.run(&stop);
-        stop.store(true, Ordering::Release);
-        r
-    });
+    let stats = primary.run(&stop);
     let stats = stats.context("Protection stopped")?;
     println!(
-        "rmc: {} checkpoints acknowledged (last epoch {}); full sync {} pages; first pause {} us; \
-         pause p50 {} us p99 {} us; pages/epoch mean {:.0}; ack p50 {} us p99 {} us; {} oversize",
+        "rmc: {} checkpoints acknowledged (last epoch {}) in {:.1} s; full sync {} pages in {:.2} s; \
+         first pause {} us; pause p50 {} us p99 {} us; pages/epoch mean {:.0}; ack p50 {} us p99 {} us; {} oversize",
         stats.checkpoints_acked,
         stats.last_acked,
+        stats.protected_time.as_secs_f64(),
         stats.sync_pages,
+        stats.sync_time.as_secs_f64(),
         stats.first_pause.map_or(0, |d| d.as_micros()),
         stats.pause_us.value_at_quantile(0.5),
         stats.pause_us.value_at_quantile(0.99),
@@ -444,6 +469,28 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
                 None => "no consistent checkpoint".to_string(),
             }
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench(a: BenchArgs) -> Result<ExitCode> {
+    let c = rmc_vmm::bench::BenchConfig {
+        source: match a.dirty_source {
+            DirtySourceArg::Guest => rmc_vmm::bench::DirtySource::Guest,
+            DirtySourceArg::Host => rmc_vmm::bench::DirtySource::Host,
+        },
+        mem_size: a.memory,
+        dirty_pages: a.dirty_pages,
+        seconds: a.seconds,
+    };
+    let rows = rmc_vmm::bench::run(&c, &mut |m| eprintln!("rmc bench: {m}"))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "schema": 1, "memory_bytes": a.memory, "rows": rows })
+        );
+    } else {
+        print!("{}", rmc_vmm::bench::table(&rows, a.memory));
     }
     Ok(ExitCode::SUCCESS)
 }

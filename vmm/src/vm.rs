@@ -455,9 +455,8 @@ impl Vm {
             });
         }
         Ok(VcpuState {
-            cpuid: fd
-                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-                .map_err(kvm_err("GET_CPUID2"))?
+            // The CPUID is what the VMM gave this vCPU; it never changes, so no ioctl here.
+            cpuid: arch::vcpu_cpuid(&self.cpuid, i as u8, self.vcpus.len() as u8)
                 .as_slice()
                 .to_vec(),
             regs: fd.get_regs().map_err(kvm_err("GET_REGS"))?,
