@@ -144,6 +144,16 @@ pub enum ProtocolError {
     },
 }
 
+/// The `Refuse` to send the peer before closing on `e` (none when the peer refused first).
+pub fn refusal(e: &ProtocolError) -> Option<Message> {
+    match e {
+        ProtocolError::Refused { .. } => None,
+        e => Some(Message::Refuse {
+            reason: e.to_string(),
+        }),
+    }
+}
+
 /// The type of a message.
 pub fn msg_type(m: &Message) -> MsgType {
     match m {

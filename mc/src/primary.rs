@@ -238,11 +238,9 @@ impl<'g, G: Guest> Primary<'g, G> {
             let action = match core.on_message(msg, Instant::now()) {
                 Ok(a) => a,
                 Err(e) => {
-                    // Tell the standby why, then end the connection.
-                    if !matches!(e, ProtocolError::Refused { .. }) {
-                        let _ = writer.send(&Message::Refuse {
-                            reason: e.to_string(),
-                        });
+                    // Tell the peer why (if it still listens), then end the connection.
+                    if let Some(refuse) = crate::core::refusal(&e) {
+                        let _ = writer.send(&refuse);
                     }
                     return Err(e.into());
                 }

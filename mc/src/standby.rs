@@ -18,7 +18,7 @@ use std::time::Instant;
 use rmc_staging::{SlotLayout, SlotRing, StagingError};
 use rmc_transport::tcp::{self, FrameReader, FrameWriter, LinkError};
 use rmc_transport::wire::{
-    self, auth, EpochHeader, EpochKind, Layout, Message, MsgType, WireError, MAX_STATE_LEN,
+    self, auth, EpochHeader, EpochKind, Layout, MsgType, WireError, MAX_STATE_LEN,
 };
 use tracing::{debug, info};
 use vm_memory::bitmap::AtomicBitmap;
@@ -219,11 +219,9 @@ impl Standby {
             let action = match core.on_message(msg, auth::nonce(), Instant::now()) {
                 Ok(a) => a,
                 Err(e) => {
-                    // Tell the primary why, if it still listens; then end the connection.
-                    if !matches!(e, ProtocolError::Refused { .. }) {
-                        let _ = writer.send(&Message::Refuse {
-                            reason: e.to_string(),
-                        });
+                    // Tell the peer why (if it still listens), then end the connection.
+                    if let Some(refuse) = crate::core::refusal(&e) {
+                        let _ = writer.send(&refuse);
                     }
                     return Err(e.into());
                 }
