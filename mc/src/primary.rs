@@ -456,6 +456,14 @@ impl<'g, G: Guest> Primary<'g, G> {
         }
         let pause = t0.elapsed();
         self.record_pause(pause, pages.len());
+        debug!(
+            epoch = self.core.next_epoch(),
+            pages = pages.len(),
+            state_bytes = state.len(),
+            pause_us = pause.as_micros() as u64,
+            in_flight = self.core.in_flight(),
+            "checkpoint staged"
+        );
         let r = self.hand_over(EpochKind::Checkpoint, slot, dirty);
         if r.is_err() && !resume {
             guest.resume();
@@ -598,6 +606,11 @@ impl<'g, G: Guest> Primary<'g, G> {
 
     fn acked(&mut self, done: Vec<InFlight<Payload>>, now: Instant) {
         for f in done {
+            debug!(
+                epoch = f.epoch,
+                ack_us = now.saturating_duration_since(f.sent_at).as_micros() as u64,
+                "epoch acknowledged"
+            );
             if f.kind == EpochKind::Checkpoint {
                 self.stats.checkpoints_acked += 1;
                 let us = now.saturating_duration_since(f.sent_at).as_micros() as u64;
