@@ -4,7 +4,7 @@
 deps:
 	./scripts/install-deps.sh
 
-# The main job: run the VM and talk to its counter service.
+# The main job: a standby and a protected VM (TCP loopback), clients checking its replies.
 demo: deps
 	cargo build --release --bin rmc
 	./scripts/demo.sh
