@@ -313,3 +313,64 @@ fn primary_with_wrong_secret_is_refused() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("use at least 16"));
 }
+
+#[test]
+fn bench_smoke_run_reports_every_figure() {
+    if !kvm_available("bench_smoke_run_reports_every_figure") {
+        return;
+    }
+    let out = Command::new(rmc_bin())
+        .args([
+            "--log",
+            "warn",
+            "bench",
+            "--memory",
+            "64M",
+            "--dirty-pages",
+            "100,400",
+        ])
+        .args(["--seconds", "0.5", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("bench --json prints JSON");
+    assert_eq!(v["schema"], 1);
+    assert_eq!(v["memory_bytes"], 64u64 << 20);
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, n) in rows.iter().zip([100u64, 400]) {
+        assert_eq!(row["dirty_pages"], n);
+        assert!(row["checkpoints"].as_u64().unwrap() > 0, "{row}");
+        for key in [
+            "pause_p50_us",
+            "pause_p99_us",
+            "first_pause_us",
+            "ack_p50_us",
+            "sync_pages",
+        ] {
+            assert!(
+                row[key].as_u64().unwrap() > 0,
+                "{key} has no samples: {row}"
+            );
+        }
+        for key in [
+            "harvest_us",
+            "memcpy_us",
+            "save_state_us",
+            "checkpoints_per_s",
+            "pages_per_epoch",
+        ] {
+            assert!(
+                row[key].as_f64().unwrap() > 0.0,
+                "{key} has no samples: {row}"
+            );
+        }
+        assert!(row["pause_p99_us"].as_u64() >= row["pause_p50_us"].as_u64());
+        assert!(row["standby_total"].as_f64().unwrap() >= 1.0);
+    }
+}
