@@ -166,6 +166,7 @@ pub fn msg_type(m: &Message) -> MsgType {
         Message::Commit { .. } => MsgType::Commit,
         Message::Ack { .. } => MsgType::Ack,
         Message::Heartbeat { .. } => MsgType::Heartbeat,
+        Message::Goodbye { .. } => MsgType::Goodbye,
     }
 }
 
@@ -431,6 +432,8 @@ pub enum StandbyAction {
     /// The epoch is complete and verified: apply it to the backup, then call
     /// [`StandbyCore::applied`].
     Apply(EpochHeader),
+    /// The primary ends protection on purpose: close without failing over.
+    Goodbye,
 }
 
 /// How a standby decides whether a primary's layout is acceptable.
@@ -611,6 +614,7 @@ impl StandbyCore {
                     },
                 })
             }
+            (StandbyPhase::Idle, Message::Goodbye { .. }) => Ok(StandbyAction::Goodbye),
             (StandbyPhase::Idle, Message::EpochHeader(header)) => {
                 let expected = self.last_applied + 1;
                 if header.epoch != expected {

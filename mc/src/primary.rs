@@ -340,7 +340,12 @@ impl<'g, G: Guest> Primary<'g, G> {
             self.checkpoint(slot, pending, !last)?;
             self.summary();
             if last {
-                let r = self.drain_acks(Duration::from_secs(10));
+                let r = self.drain_acks(Duration::from_secs(10)).and_then(|()| {
+                    let goodbye = Message::Goodbye {
+                        last_epoch: self.core.last_acked(),
+                    };
+                    Ok(self.writer.lock().send(&goodbye)?)
+                });
                 self.stats.protected_time = protect_start.elapsed();
                 if r.is_err() {
                     self.guest.resume();

@@ -80,6 +80,9 @@ pub enum StandbyError {
     /// The backup could not be allocated or written.
     #[error("Backup memory: {0}")]
     Backup(String),
+    /// The connection ended without a Goodbye: the primary died or was cut off.
+    #[error("Connection closed by the primary without a goodbye: the primary is lost")]
+    PrimaryLost,
     /// The primary closed the connection before the handshake completed.
     #[error("Connection closed by the primary during the handshake")]
     HandshakeClosed,
@@ -101,7 +104,8 @@ pub struct Session {
     pub peer: SocketAddr,
     /// Epochs applied in this session.
     pub epochs: u64,
-    /// How it ended (an orderly close by the primary is `Ok`).
+    /// How it ended: `Ok` when the primary said goodbye; any error means the primary is lost
+    /// or misbehaved.
     pub result: Result<(), StandbyError>,
 }
 
@@ -192,12 +196,12 @@ impl Standby {
             let h = match read {
                 Ok(h) => h,
                 Err(LinkError::Closed { got: 0, .. }) => {
-                    return match core.epoch_in_progress() {
-                        Some(epoch) => Err(StandbyError::Incomplete { epoch }),
-                        None if core.in_handshake() => Err(StandbyError::HandshakeClosed),
-                        // An orderly close between epochs.
-                        None => Ok(()),
-                    };
+                    return Err(match core.epoch_in_progress() {
+                        Some(epoch) => StandbyError::Incomplete { epoch },
+                        None if core.in_handshake() => StandbyError::HandshakeClosed,
+                        // Closed without a Goodbye: the primary is gone.
+                        None => StandbyError::PrimaryLost,
+                    });
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -227,6 +231,7 @@ impl Standby {
                 }
             };
             match action {
+                StandbyAction::Goodbye => return Ok(()),
                 StandbyAction::None | StandbyAction::ExpectBody { .. } => {}
                 StandbyAction::Send(m) => writer.send(&m)?,
                 StandbyAction::Established { layout, accept } => {

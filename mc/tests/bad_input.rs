@@ -156,6 +156,7 @@ fn standby_with_checkpoint() -> (Standby, (u64, Option<u64>, u64)) {
         &[(0x3000, 0xaa), (0x9000, 0xbb)],
         b"state-2",
     );
+    p.w.send(&Message::Goodbye { last_epoch: 2 }).unwrap();
     drop(p);
     let (sb, s) = h.join().unwrap();
     s.result.expect("good session");
@@ -194,6 +195,7 @@ fn check_fault(expect: &str, fault: impl FnOnce(&mut Peer)) {
         &[(0x5000, 0x55)],
         b"state-3",
     );
+    p.w.send(&Message::Goodbye { last_epoch: 3 }).unwrap();
     drop(p);
     let (sb, s) = h.join().unwrap();
     s.result.expect("good session after the fault");
@@ -351,6 +353,14 @@ fn connection_dropped_mid_epoch() {
         wire::encode_body_header((index.len() + rest.len()) as u64, &mut head);
         // The whole body, but the connection drops before the commit.
         p.w.send_raw(&[&head, &index, &rest]).unwrap();
+    });
+}
+
+#[test]
+fn primary_lost_without_goodbye() {
+    check_fault("the primary is lost", |p| {
+        handshake(p, SECRET, layout());
+        // Closes between epochs, but without a goodbye: a primary that died.
     });
 }
 

@@ -27,7 +27,9 @@
 //!    |        Ack(e)                           |  cumulative: all epochs <= e applied
 //!    |<----------------------------------------|
 //!    | Heartbeat <-------------------------->  |  both ways, when nothing else was sent
-//! ```
+//!    | Goodbye(last epoch)                     |  protection ends on purpose: no failover
+//!    |---------------------------------------->|  (a connection that ends without it means
+//! ```                                             the primary was lost)
 //!
 //! ## States
 //!
@@ -60,6 +62,7 @@
 //! Commit      epoch u64 | checksum u64                                            (16)
 //! Ack         epoch u64                                                           (8)
 //! Heartbeat   seq u64                                                             (8)
+//! Goodbye     last_epoch u64                                                      (8)
 //! ```
 
 /// Bytes in a frame header: `type u8 | reserved [u8; 7] (zero) | len u64 LE`.
@@ -100,6 +103,8 @@ pub enum MsgType {
     Ack = 9,
     /// either way: I am alive.
     Heartbeat = 10,
+    /// primary -> standby: protection ends on purpose (not a failure: no failover).
+    Goodbye = 11,
 }
 
 /// Kind of epoch.
@@ -197,6 +202,11 @@ pub enum Message {
     Heartbeat {
         /// Sender's heartbeat counter.
         seq: u64,
+    },
+    /// See [`MsgType::Goodbye`]. Payload: last epoch sent u64.
+    Goodbye {
+        /// The last epoch the primary sent.
+        last_epoch: u64,
     },
 }
 
@@ -299,6 +309,7 @@ impl MsgType {
             8 => MsgType::Commit,
             9 => MsgType::Ack,
             10 => MsgType::Heartbeat,
+            11 => MsgType::Goodbye,
             other => return Err(WireError::UnknownType(other)),
         })
     }
@@ -375,6 +386,10 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
         Message::Heartbeat { seq } => {
             out.extend_from_slice(&seq.to_le_bytes());
             MsgType::Heartbeat
+        }
+        Message::Goodbye { last_epoch } => {
+            out.extend_from_slice(&last_epoch.to_le_bytes());
+            MsgType::Goodbye
         }
     };
     let len = (out.len() - start - FRAME_HEADER_LEN) as u64;
@@ -563,6 +578,12 @@ pub fn decode(ty: MsgType, payload: &[u8]) -> Result<Message, WireError> {
         MsgType::Heartbeat => {
             c.exact(8)?;
             Message::Heartbeat { seq: c.u64() }
+        }
+        MsgType::Goodbye => {
+            c.exact(8)?;
+            Message::Goodbye {
+                last_epoch: c.u64(),
+            }
         }
     })
 }
@@ -819,6 +840,7 @@ mod tests {
             },
             Message::Ack { epoch: 9 },
             Message::Heartbeat { seq: u64::MAX },
+            Message::Goodbye { last_epoch: 12 },
         ]
     }
 
