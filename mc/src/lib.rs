@@ -41,4 +41,13 @@ pub trait Guest: Send + Sync {
     fn put_back(&self, set: DirtySet);
     /// The vCPU and device state, serialized (the VM must be paused).
     fn save_state(&self) -> Result<Vec<u8>, GuestError>;
+    /// Output commit: the packets the guest sent since the previous call belong to checkpoint
+    /// `epoch` and must wait for its ack. Called with the VM paused. Default: no output held.
+    fn close_output_epoch(&self, epoch: u64) {
+        let _ = epoch;
+    }
+    /// The standby acknowledged every checkpoint up to `epoch`: their packets may leave.
+    fn release_output(&self, epoch: u64) {
+        let _ = epoch;
+    }
 }

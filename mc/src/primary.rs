@@ -422,6 +422,8 @@ impl<'g, G: Guest> Primary<'g, G> {
             }
         };
         dirty.union_with(&pending);
+        // Output commit: what the guest sent until now is released with this checkpoint's ack.
+        guest.close_output_epoch(self.core.next_epoch());
         let staged = (|| {
             let state = guest.save_state().map_err(PrimaryError::Guest)?;
             let pages: Vec<GuestAddress> = dirty.pages().collect();
@@ -624,6 +626,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             self.stats.last_acked = f.epoch;
             // Dropping the payload releases its slot (once the sender is done with it too).
         }
+        self.guest.release_output(self.core.last_acked());
     }
 
     fn drain_acks(&mut self, timeout: Duration) -> Result<(), PrimaryError> {

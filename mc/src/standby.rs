@@ -107,6 +107,17 @@ pub struct Session {
     /// How it ended: `Ok` when the primary said goodbye; any error means the primary is lost
     /// or misbehaved.
     pub result: Result<(), StandbyError>,
+    /// When the last bytes from the primary arrived.
+    pub last_heard: Instant,
+    /// When the standby declared the session over.
+    pub ended: Instant,
+}
+
+impl Session {
+    /// How long after the primary's last sign of life its loss was detected.
+    pub fn detection_time(&self) -> std::time::Duration {
+        self.ended.saturating_duration_since(self.last_heard)
+    }
 }
 
 /// A standby listening for its primary.
@@ -154,7 +165,9 @@ impl Standby {
         let (stream, peer) = self.listener.accept().map_err(StandbyError::Accept)?;
         info!(%peer, "primary connected");
         let mut epochs = 0;
-        let result = self.serve(stream, &mut epochs);
+        let mut last_heard = Instant::now();
+        let result = self.serve(stream, &mut epochs, &mut last_heard);
+        let ended = Instant::now();
         match &result {
             Ok(()) => info!(%peer, epochs, "primary closed the connection"),
             Err(e) => info!(%peer, epochs, "connection ended: {}", error_chain(e)),
@@ -163,10 +176,17 @@ impl Standby {
             peer,
             epochs,
             result,
+            last_heard,
+            ended,
         })
     }
 
-    fn serve(&mut self, stream: TcpStream, epochs: &mut u64) -> Result<(), StandbyError> {
+    fn serve(
+        &mut self,
+        stream: TcpStream,
+        epochs: &mut u64,
+        last_heard: &mut Instant,
+    ) -> Result<(), StandbyError> {
         tcp::configure(&stream)?;
         let io = |source| LinkError::Io {
             what: "setting up the connection",
@@ -191,6 +211,7 @@ impl Standby {
         );
         let mut body: Option<Body> = None;
         loop {
+            *last_heard = reader.last_data();
             let max_body = core.layout().map_or(0, max_body_len);
             let read = reader.read_header(max_body, &mut idler(&mut core, &mut writer));
             let h = match read {

@@ -116,11 +116,12 @@ impl<P: PacketSize> NetBuf<P> {
     }
 
     /// Ends the open epoch: its packets wait for the ack of checkpoint `epoch` (call it in the
-    /// pause that takes that checkpoint; epochs must rise).
+    /// pause that takes that checkpoint). Epochs never go down; the same epoch may be closed
+    /// again when its checkpoint failed and is retried under the same number.
     pub fn close_epoch(&mut self, epoch: u64) {
         assert!(
-            epoch > self.last_closed,
-            "epochs must rise: {epoch} after {}",
+            epoch >= self.last_closed,
+            "epochs must not go down: {epoch} after {}",
             self.last_closed
         );
         self.last_closed = epoch;
@@ -264,6 +265,16 @@ mod tests {
         // Alone, a packet over the byte budget still goes (it could never fit otherwise).
         nb.push(pkt(4, 500)).unwrap();
         assert!(matches!(nb.push(pkt(5, 1)), Err(Full(_))));
+    }
+
+    #[test]
+    fn a_retried_epoch_may_be_closed_again() {
+        let mut nb = NetBuf::new(Limits::default());
+        nb.push(pkt(1, 1)).unwrap();
+        nb.close_epoch(3);
+        nb.push(pkt(2, 1)).unwrap();
+        nb.close_epoch(3);
+        assert_eq!(nb.release(3), vec![pkt(1, 1), pkt(2, 1)]);
     }
 
     #[test]

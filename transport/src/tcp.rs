@@ -88,6 +88,11 @@ impl<R: Read> FrameReader<R> {
         }
     }
 
+    /// When the last bytes arrived.
+    pub fn last_data(&self) -> Instant {
+        self.last_data
+    }
+
     /// Fills `out` completely. On a read timeout runs `idle` with the time the last bytes
     /// arrived; it may abort the read.
     pub fn read_full(

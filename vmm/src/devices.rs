@@ -106,6 +106,8 @@ impl Devices {
     fn wait_rx(&self, seen: u32, waker: &Waker<'_>) {
         let fd = {
             let mut nic = self.nic.lock();
+            // Packets held back by a full output buffer are retried whenever the guest waits.
+            nic.process_tx(&self.mem);
             nic.fill_rx(&self.mem);
             if nic.rx_used() != seen {
                 return;

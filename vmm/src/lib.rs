@@ -17,6 +17,7 @@
 
 pub mod arch;
 pub mod bench;
+pub mod demo;
 mod devices;
 pub mod dirty;
 pub mod guest;

@@ -36,6 +36,9 @@ enum Command {
     Client(ClientArgs),
     /// Measure checkpoint pause, throughput and memory on this machine (standby in-process).
     Bench(BenchArgs),
+    /// The whole story on this machine: primary, standby, a checking client; the primary is
+    /// SIGKILLed and the standby takes over.
+    Demo(DemoArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +94,26 @@ struct PrimaryArgs {
     /// Seconds between summary lines (epochs/s, pages per epoch, pause, ack latency).
     #[arg(long, default_value_t = 5.0)]
     summary_interval: f64,
+    /// What to do when the standby is lost: `continue` running unprotected (held packets are
+    /// released) or `pause` the VM until a standby is back. Either way the primary reconnects
+    /// every second and protection resumes after a fresh full sync.
+    #[arg(long, value_enum, default_value = "continue")]
+    on_standby_loss: StandbyLoss,
+    /// Output commit: most bytes of guest packets held while their checkpoint is unacknowledged
+    /// (beyond it the guest's NIC stops taking packets: backpressure, never a drop).
+    #[arg(long, default_value_t = 16 << 20)]
+    netbuf_bytes: usize,
+    /// Output commit: most packets held.
+    #[arg(long, default_value_t = 16_384)]
+    netbuf_packets: usize,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum StandbyLoss {
+    /// Keep running unprotected; reconnect in the background.
+    Continue,
+    /// Pause the VM until a new standby is connected.
+    Pause,
 }
 
 #[derive(Parser, Debug)]
@@ -109,6 +132,31 @@ struct StandbyArgs {
     /// Exit after serving this many primary connections (default: serve forever).
     #[arg(long)]
     sessions: Option<u64>,
+    /// Where clients reach the service (normally the primary's --listen): on failover the
+    /// standby's VM takes this UDP address over. Without it there is no failover.
+    #[arg(long)]
+    service_addr: Option<SocketAddr>,
+    /// After a failover, stop the VM after this many seconds (default: run until killed).
+    #[arg(long)]
+    run_for: Option<f64>,
+}
+
+#[derive(Parser, Debug)]
+struct DemoArgs {
+    /// Guest memory size.
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    /// Trials: each starts a fresh primary and standby and kills the primary (later trials at
+    /// a random moment). The exit status is 0 only if every trial stayed consistent.
+    #[arg(long, default_value_t = 1)]
+    trials: u32,
+    /// Seconds of protected running before the primary is killed (the first trial; later ones
+    /// pick a random moment between half and one and a half times this).
+    #[arg(long, default_value_t = 3.0)]
+    kill_after: f64,
+    /// Seconds the client keeps going after the kill.
+    #[arg(long, default_value_t = 2.0)]
+    after: f64,
 }
 
 #[derive(Parser, Debug)]
@@ -276,6 +324,7 @@ fn main() -> ExitCode {
         Command::Standby(a) => standby(a),
         Command::Client(a) => client(a),
         Command::Bench(a) => bench(a),
+        Command::Demo(a) => demo(a),
     };
     match result {
         Ok(code) => code,
@@ -416,29 +465,79 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
     config.heartbeat = a.heartbeat.get();
     config.summary_every = Duration::from_secs_f64(a.summary_interval.max(0.1));
     config.protect_for = a.duration.map(|d| Duration::from_secs_f64(d.max(0.0)));
-    let primary = Primary::connect(&vm, config)
-        .with_context(|| format!("Cannot start protection with the standby at {}", a.standby))?;
-    println!("rmc: protected by the standby at {}", a.standby);
+    let limits = rmc_netbuf::Limits {
+        max_bytes: a.netbuf_bytes.max(1),
+        max_packets: a.netbuf_packets.max(1),
+    };
     let stop = AtomicBool::new(false);
-    let stats = primary.run(&stop);
-    let stats = stats.context("Protection stopped")?;
-    println!(
-        "rmc: {} checkpoints acknowledged (last epoch {}) in {:.1} s; full sync {} pages in {:.2} s; \
-         first pause {} us; pause p50 {} us p99 {} us; pages/epoch mean {:.0}; ack p50 {} us p99 {} us; {} oversize",
-        stats.checkpoints_acked,
-        stats.last_acked,
-        stats.protected_time.as_secs_f64(),
-        stats.sync_pages,
-        stats.sync_time.as_secs_f64(),
-        stats.first_pause.map_or(0, |d| d.as_micros()),
-        stats.pause_us.value_at_quantile(0.5),
-        stats.pause_us.value_at_quantile(0.99),
-        stats.pages.mean(),
-        stats.ack_us.value_at_quantile(0.5),
-        stats.ack_us.value_at_quantile(0.99),
-        stats.oversize
-    );
-    Ok(ExitCode::SUCCESS)
+    let mut sessions = 0u64;
+    let mut paused = false;
+    loop {
+        // Output commit from the first moment of protection: nothing the guest sends leaves
+        // before the standby holds the checkpoint that produced it.
+        vm.enable_output_commit(limits)?;
+        let primary = match Primary::connect(&vm, config.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                vm.disable_output_commit();
+                if sessions == 0 {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "Cannot start protection with the standby at {}",
+                        a.standby
+                    )));
+                }
+                tracing::debug!("standby at {} not back yet: {e}", a.standby);
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        sessions += 1;
+        if paused {
+            vm.resume();
+            paused = false;
+        }
+        println!("rmc: protected by the standby at {}", a.standby);
+        match primary.run(&stop) {
+            Ok(stats) => {
+                vm.disable_output_commit();
+                println!(
+                    "rmc: {} checkpoints acknowledged (last epoch {}) in {:.1} s; full sync {} pages in {:.2} s; \
+                     first pause {} us; pause p50 {} us p99 {} us; pages/epoch mean {:.0}; ack p50 {} us p99 {} us; {} oversize",
+                    stats.checkpoints_acked,
+                    stats.last_acked,
+                    stats.protected_time.as_secs_f64(),
+                    stats.sync_pages,
+                    stats.sync_time.as_secs_f64(),
+                    stats.first_pause.map_or(0, |d| d.as_micros()),
+                    stats.pause_us.value_at_quantile(0.5),
+                    stats.pause_us.value_at_quantile(0.99),
+                    stats.pages.mean(),
+                    stats.ack_us.value_at_quantile(0.5),
+                    stats.ack_us.value_at_quantile(0.99),
+                    stats.oversize
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) => {
+                // The guest's state is the only copy now: its held output may leave.
+                vm.disable_output_commit();
+                let what = match a.on_standby_loss {
+                    StandbyLoss::Continue => "running unprotected",
+                    StandbyLoss::Pause => "VM paused",
+                };
+                eprintln!(
+                    "rmc: lost the standby: {}; {what}, reconnecting to {} every second",
+                    rmc_mc::standby::error_chain(&e),
+                    a.standby
+                );
+                if a.on_standby_loss == StandbyLoss::Pause {
+                    vm.pause();
+                    paused = true;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 fn standby(a: StandbyArgs) -> Result<ExitCode> {
@@ -455,6 +554,13 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
     while a.sessions.is_none_or(|n| served < n) {
         let s = sb.serve_one()?;
         served += 1;
+        let lost = s.result.is_err();
+        let consistent = sb.backup().and_then(|b| b.checkpoint).is_some();
+        if lost && consistent {
+            if let Some(service) = a.service_addr {
+                return failover(&mut sb, &s, service, a.run_for);
+            }
+        }
         let backup = sb.backup();
         println!(
             "rmc: session with {} ended after {} epochs: {}; backup: {}",
@@ -470,6 +576,66 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
             }
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn demo(a: DemoArgs) -> Result<ExitCode> {
+    let c = rmc_vmm::demo::DemoConfig {
+        memory: a.memory,
+        after: Duration::from_secs_f64(a.after.max(0.2)),
+    };
+    let trials = a.trials.max(1);
+    let base = Duration::from_secs_f64(a.kill_after.max(0.1));
+    let exe = rmc_vmm::demo::current_exe()?;
+    println!("rmc demo: {trials} trial(s)");
+    let mut times = Vec::new();
+    let start = Instant::now();
+    // Kill moments: the first at --kill-after, the others spread over [0.5, 1.5) of it in a
+    // low-discrepancy sequence seeded by the clock, so every run hits other moments.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| f64::from(d.subsec_nanos()) / 1e9)
+        .unwrap_or(0.0);
+    for i in 0..trials {
+        let kill_after = if i == 0 {
+            base
+        } else {
+            base.mul_f64(0.5 + (seed + f64::from(i) * 0.618_034).fract())
+        };
+        let t = match rmc_vmm::demo::run_trial(&exe, &c, kill_after, i, &mut |m| println!("  {m}"))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                println!("rmc demo: trial {} FAILED: {e:#}", i + 1);
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        println!(
+            "trial {:>2}: killed the primary after {:.2} s; {} requests sent, {} replies, {} retries; \
+             failover (kill to first reply) {} ms; consistent",
+            i + 1,
+            kill_after.as_secs_f64(),
+            t.sent,
+            t.replies,
+            t.retries,
+            t.failover.as_millis()
+        );
+        if i == 0 {
+            println!("  standby: {}", t.standby_line);
+        }
+        times.push(t.failover.as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    let q = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "rmc demo: {} trial(s) in {:.0} s, all consistent; failover time ms: min {:.0} p50 {:.0} p90 {:.0} max {:.0}",
+        times.len(),
+        start.elapsed().as_secs_f64(),
+        q(0.0),
+        q(0.5),
+        q(0.9),
+        q(1.0)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -493,6 +659,62 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         print!("{}", rmc_vmm::bench::table(&rows, a.memory));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The primary is lost: run the VM from the backup on the service address.
+fn failover(
+    sb: &mut rmc_mc::standby::Standby,
+    session: &rmc_mc::standby::Session,
+    service: SocketAddr,
+    run_for: Option<f64>,
+) -> Result<ExitCode> {
+    let backup = sb.take_backup().expect("checked by the caller");
+    let epoch = backup.checkpoint.expect("checked by the caller");
+    let state = rmc_vmm::VmState::decode(&backup.state).context("The backup's state blob")?;
+    let config = VmConfig {
+        mem_size: backup.layout.total_pages() * 4096,
+        // Restoring ignores the workloads: the vCPUs continue from their saved state.
+        workloads: vec![Workload::Idle; backup.layout.vcpus as usize],
+        nic_addr: Some(service),
+    };
+    // The address may still be held for a moment by the dying primary.
+    let start = Instant::now();
+    let vm = loop {
+        match Vm::restore_on(&config, &state, backup.memory.clone()) {
+            Ok(vm) => break vm,
+            Err(rmc_vmm::VmError::Bind { .. }) if start.elapsed() < Duration::from_secs(2) => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context("Failover: cannot build the VM from the backup")
+                )
+            }
+        }
+    };
+    vm.resume();
+    println!(
+        "rmc: failed over at epoch {epoch}: primary lost ({}), detected {} ms after its last message, \
+         VM resumed {} ms later, serving on udp {service}",
+        session.result.as_ref().err().map(|e| rmc_mc::standby::error_chain(e)).unwrap_or_default(),
+        session.detection_time().as_millis(),
+        session.ended.elapsed().as_millis(),
+    );
+    let until = run_for.map(|d| Instant::now() + Duration::from_secs_f64(d.max(0.0)));
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some((i, why)) = vm.stopped_vcpus().first() {
+            bail!("vCPU {i} of the failed-over VM stopped: {why}");
+        }
+        if until.is_some_and(|u| Instant::now() >= u) {
+            let s = vm.guest_status();
+            println!(
+                "rmc: failed-over VM stopped: counter {}, {} requests",
+                s.counter, s.requests
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
 }
 
 fn client(a: ClientArgs) -> Result<ExitCode> {

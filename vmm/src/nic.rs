@@ -48,6 +48,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, error, warn};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
+use rmc_netbuf::{Limits, NetBuf};
+
 use crate::layout::ring;
 use crate::GuestMem;
 
@@ -92,12 +94,61 @@ pub struct NicStats {
     pub rx_dropped: u64,
 }
 
+/// Output commit for the NIC: packets the guest sends wait here, tagged with their epoch,
+/// until the standby acknowledged the checkpoint that produced them (see `rmc_netbuf`).
+#[derive(Debug)]
+pub struct OutputCommit {
+    buf: parking_lot::Mutex<NetBuf<(SocketAddr, Vec<u8>)>>,
+    socket: UdpSocket,
+}
+
+impl OutputCommit {
+    /// A gate that sends released packets on `socket` (a clone of the NIC's).
+    pub fn new(socket: UdpSocket, limits: Limits) -> Self {
+        OutputCommit {
+            buf: parking_lot::Mutex::new(NetBuf::new(limits)),
+            socket,
+        }
+    }
+
+    /// Packets sent so far belong to checkpoint `epoch`.
+    pub fn close_epoch(&self, epoch: u64) {
+        self.buf.lock().close_epoch(epoch);
+    }
+
+    /// Sends the packets of every checkpoint up to `acked`.
+    pub fn release(&self, acked: u64) {
+        let out = self.buf.lock().release(acked);
+        self.send(out);
+    }
+
+    /// Sends everything held (protection ended).
+    pub fn release_all(&self) {
+        let out = self.buf.lock().release_all();
+        self.send(out);
+    }
+
+    fn send(&self, packets: Vec<(SocketAddr, Vec<u8>)>) {
+        for (dest, payload) in packets {
+            if let Err(e) = self.socket.send_to(&payload, dest) {
+                warn!("NIC: send to {dest} failed: {e}");
+            }
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> rmc_netbuf::Stats {
+        self.buf.lock().stats()
+    }
+}
+
 /// The NIC: its state plus the host socket.
 #[derive(Debug)]
 pub struct Nic {
     state: NicState,
     socket: Option<UdpSocket>,
     rx_scratch: Vec<u8>,
+    output: Option<std::sync::Arc<OutputCommit>>,
 }
 
 /// A TX or RX descriptor the device could not use.
@@ -145,7 +196,18 @@ impl Nic {
             state: NicState::default(),
             socket,
             rx_scratch: vec![0; MAX_FRAME],
+            output: None,
         })
+    }
+
+    /// Holds every packet the guest sends in `gate` from now on (`None`: send at once).
+    pub fn set_output(&mut self, gate: Option<std::sync::Arc<OutputCommit>>) {
+        self.output = gate;
+    }
+
+    /// A clone of the host socket (for an [`OutputCommit`]).
+    pub fn socket_clone(&self) -> Option<UdpSocket> {
+        self.socket.as_ref().and_then(|s| s.try_clone().ok())
     }
 
     /// The device state, for a checkpoint.
@@ -265,14 +327,23 @@ impl Nic {
         );
     }
 
-    /// Sends every TX descriptor between the used and the producer index.
+    /// Sends every TX descriptor between the used and the producer index. With output commit
+    /// on, a packet that does not fit the buffer stays in the ring, unconsumed, until a later
+    /// call (backpressure: the guest sees its ring fill up and waits).
     pub fn process_tx(&mut self, mem: &GuestMem) {
         let mut frame = Vec::new();
         while self.state.tx_used != self.state.tx_prod {
             let index = self.state.tx_used;
             let status = match self.read_tx_frame(index, mem, &mut frame) {
                 Ok(dest) => {
-                    self.send(&frame[HEADER_LEN..], dest);
+                    if let Some(gate) = &self.output {
+                        let packet = (dest, frame[HEADER_LEN..].to_vec());
+                        if gate.buf.lock().push(packet).is_err() {
+                            return;
+                        }
+                    } else {
+                        self.send(&frame[HEADER_LEN..], dest);
+                    }
                     self.state.stats.tx_frames += 1;
                     ring::STATUS_OK
                 }

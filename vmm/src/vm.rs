@@ -179,6 +179,7 @@ pub struct Vm {
     msr_list: Vec<u32>,
     cpuid: CpuId,
     config: VmConfig,
+    output: parking_lot::Mutex<Option<Arc<crate::nic::OutputCommit>>>,
 }
 
 impl Vm {
@@ -371,6 +372,7 @@ impl Vm {
             msr_list,
             cpuid,
             config: config.clone(),
+            output: parking_lot::Mutex::new(None),
         })
     }
 
@@ -553,6 +555,32 @@ impl Vm {
     /// Where the NIC's socket listens.
     pub fn nic_addr(&self) -> Option<SocketAddr> {
         self.devices.nic.lock().local_addr()
+    }
+
+    /// Turns output commit on: from now on every packet the guest sends is held until
+    /// [`rmc_mc::Guest::release_output`] covers the checkpoint it belongs to.
+    pub fn enable_output_commit(&self, limits: rmc_netbuf::Limits) -> Result<(), VmError> {
+        let mut nic = self.devices.nic.lock();
+        let socket = nic
+            .socket_clone()
+            .ok_or_else(|| VmError::Config("output commit needs the NIC's socket".into()))?;
+        let gate = Arc::new(crate::nic::OutputCommit::new(socket, limits));
+        *self.output.lock() = Some(gate.clone());
+        nic.set_output(Some(gate));
+        Ok(())
+    }
+
+    /// Turns output commit off (protection lost): every held packet leaves now, new ones at once.
+    pub fn disable_output_commit(&self) {
+        self.devices.nic.lock().set_output(None);
+        if let Some(gate) = self.output.lock().take() {
+            gate.release_all();
+        }
+    }
+
+    /// Output-commit counters, when it is on.
+    pub fn output_stats(&self) -> Option<rmc_netbuf::Stats> {
+        self.output.lock().as_ref().map(|g| g.stats())
     }
 
     /// NIC counters.
@@ -773,5 +801,17 @@ impl rmc_mc::Guest for Vm {
 
     fn save_state(&self) -> Result<Vec<u8>, rmc_mc::GuestError> {
         Ok(Vm::save_state(self)?.encode())
+    }
+
+    fn close_output_epoch(&self, epoch: u64) {
+        if let Some(g) = self.output.lock().as_ref() {
+            g.close_epoch(epoch);
+        }
+    }
+
+    fn release_output(&self, epoch: u64) {
+        if let Some(g) = self.output.lock().as_ref() {
+            g.release(epoch);
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! Shared helpers for the KVM tests.
+//! Shared helpers for the KVM tests (each test binary uses a different subset).
+#![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
