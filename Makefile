@@ -4,10 +4,11 @@
 deps:
 	./scripts/install-deps.sh
 
-# The main job: a standby and a protected VM (TCP loopback), clients checking its replies.
+# The main job: primary + standby + a checking client; the primary is SIGKILLed and the
+# standby takes over; prints what happened (see `rmc demo --help`).
 demo: deps
 	cargo build --release --bin rmc
-	./scripts/demo.sh
+	target/release/rmc demo
 
 # Every test, plus formatting and lints. KVM tests skip without /dev/kvm unless
 # RMC_REQUIRE_KVM=1 (which .ci/run sets when /dev/kvm exists), where they fail instead.

@@ -374,3 +374,183 @@ fn bench_smoke_run_reports_every_figure() {
         assert!(row["standby_total"].as_f64().unwrap() >= 1.0);
     }
 }
+
+#[test]
+fn failover_trials_stay_consistent() {
+    if !kvm_available("failover_trials_stay_consistent") {
+        return;
+    }
+    // 20 trials, each killing the primary at a different moment under continuous load.
+    let out = Command::new(rmc_bin())
+        .args([
+            "demo",
+            "--trials",
+            "20",
+            "--memory",
+            "64M",
+            "--kill-after",
+            "0.8",
+            "--after",
+            "0.4",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("; consistent").count(), 20, "{stdout}");
+    assert!(stdout.contains("rmc demo: 20 trial(s)"), "{stdout}");
+    assert!(
+        stdout.contains("all consistent; failover time ms: min"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("standby: failed over at epoch"), "{stdout}");
+}
+
+#[test]
+fn standby_loss_then_reprotection_with_the_vm_running() {
+    if !kvm_available("standby_loss_then_reprotection_with_the_vm_running") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("rmc-cli-loss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = secret_file(&dir, "secret", "the secret for the standby-loss test");
+    let (standby, standby_addr) = start_standby(&secret, 1);
+    let mut standby = Killed(standby);
+    let mut primary = Command::new(rmc_bin())
+        .args([
+            "primary",
+            "--standby",
+            &standby_addr,
+            "--listen",
+            "127.0.0.1:0",
+            "--memory",
+            "32M",
+        ])
+        .args([
+            "--workload",
+            "counter",
+            "--log",
+            "warn",
+            "--on-standby-loss",
+            "continue",
+        ])
+        .arg("--secret-file")
+        .arg(&secret)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = primary.stdout.take().unwrap();
+    let err = primary.stderr.take().unwrap();
+    let primary = Killed(primary);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .for_each(|l| drop(tx.send(l)))
+    });
+    std::thread::spawn(move || {
+        BufReader::new(err)
+            .lines()
+            .map_while(Result::ok)
+            .for_each(|l| drop(tx2.send(l)))
+    });
+    let wait_line = |prefix: &str| -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let l = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no line starting {prefix:?}"));
+            if l.starts_with(prefix) {
+                return l;
+            }
+        }
+    };
+    let service = wait_line("rmc: counter service listening on udp ")
+        .trim_start_matches("rmc: counter service listening on udp ")
+        .to_string();
+    wait_line("rmc: protected by the standby at");
+    // One client for the whole test: its checker spans both protections and the gap.
+    let mut client = rmc_vmm_client(&service);
+    client(10);
+    // The standby dies.
+    standby.0.kill().unwrap();
+    standby.0.wait().unwrap();
+    let lost = wait_line("rmc: lost the standby");
+    assert!(lost.contains("running unprotected"), "{lost}");
+    client(10); // still answered, unprotected
+                // A new standby on the same address: protection resumes, the VM never stopped.
+    let mut standby2 = Killed(
+        Command::new(rmc_bin())
+            .args([
+                "standby",
+                "--listen",
+                &standby_addr,
+                "--sessions",
+                "1",
+                "--log",
+                "warn",
+                "--secret-file",
+            ])
+            .arg(&secret)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_line("rmc: protected by the standby at");
+    client(10);
+    let _ = standby2.0.kill();
+    drop(primary);
+}
+
+/// A checking client for `service` that sends `n` more requests per call.
+fn rmc_vmm_client(service: &str) -> impl FnMut(u64) {
+    let service = service.to_string();
+    let mut next = 1u64;
+    let mut last = 0u64;
+    move |n| {
+        for _ in 0..n {
+            let out = Command::new(rmc_bin())
+                .args([
+                    "client",
+                    "--server",
+                    &service,
+                    "-n",
+                    "1",
+                    "--client-id",
+                    "4242",
+                    "--quiet",
+                ])
+                .args(["--first-seq", &next.to_string()])
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                out.status.success(),
+                "{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let counter: u64 = stdout
+                .split("last counter ")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.trim_end_matches(',').parse().ok())
+                .unwrap_or_else(|| panic!("no counter in {stdout}"));
+            assert_eq!(
+                counter,
+                last + 1,
+                "the counter went from {last} to {counter}"
+            );
+            last = counter;
+            next += 1;
+        }
+    }
+}

@@ -201,16 +201,18 @@ struct HeartbeatArgs {
     /// Milliseconds between heartbeats when nothing else is sent.
     #[arg(long, default_value_t = 50)]
     heartbeat_ms: u64,
-    /// Declare the peer dead after this many milliseconds without hearing from it.
-    #[arg(long, default_value_t = 200)]
-    heartbeat_timeout_ms: u64,
+    /// Declare the peer dead after this many heartbeat intervals without hearing from it (a
+    /// closed connection is detected at once; a silent peer after interval x misses).
+    #[arg(long, default_value_t = 4)]
+    heartbeat_misses: u32,
 }
 
 impl HeartbeatArgs {
     fn get(&self) -> rmc_mc::core::Heartbeat {
+        let interval = Duration::from_millis(self.heartbeat_ms.max(1));
         rmc_mc::core::Heartbeat {
-            interval: Duration::from_millis(self.heartbeat_ms.max(1)),
-            timeout: Duration::from_millis(self.heartbeat_timeout_ms.max(2)),
+            interval,
+            timeout: interval * self.heartbeat_misses.max(1),
         }
     }
 }
@@ -292,6 +294,9 @@ struct ClientArgs {
     /// Print only the summary, not every reply.
     #[arg(long, short)]
     quiet: bool,
+    /// Seq of the first request (to continue an earlier run of the same --client-id).
+    #[arg(long, default_value_t = 1)]
+    first_seq: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -499,6 +504,13 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
         println!("rmc: protected by the standby at {}", a.standby);
         match primary.run(&stop) {
             Ok(stats) => {
+                if let Some(o) = vm.output_stats() {
+                    println!(
+                        "rmc: output commit: {} packets ({} bytes) released after their checkpoint's ack, \
+                         {} held at the end, {} backpressure events",
+                        o.released_packets, o.released_bytes, o.held_packets, o.refused
+                    );
+                }
                 vm.disable_output_commit();
                 println!(
                     "rmc: {} checkpoints acknowledged (last epoch {}) in {:.1} s; full sync {} pages in {:.2} s; \
@@ -730,15 +742,19 @@ fn client(a: ClientArgs) -> Result<ExitCode> {
     }
     let mut c = Client::new(a.server, client_id).context("Cannot open a UDP socket")?;
     c.retry_after = Duration::from_millis(a.retry_ms.max(1));
+    c.set_next_seq(a.first_seq);
+    let first = a.first_seq.max(1);
+    let mut last_counter = None;
     let deadline = Duration::from_secs_f64(a.timeout.max(0.001));
     let mut checker = Checker::new(client_id, a.exclusive);
     let mut retries = 0u64;
     let mut replies = 0u64;
+    let mut latencies = Vec::with_capacity(a.requests as usize);
     let mut contradiction = None;
     let start = Instant::now();
     println!("rmc client {client_id:#x} -> {}", a.server);
     for i in 1..=a.requests {
-        checker.sent(i);
+        checker.sent(first + i - 1);
         let mut on_reply = |r: &rmc_vmm::service::Reply| {
             replies += 1;
             if a.check && contradiction.is_none() {
@@ -747,8 +763,11 @@ fn client(a: ClientArgs) -> Result<ExitCode> {
                 }
             }
         };
+        let sent_at = Instant::now();
         let (r, resent) = c.request(deadline, &mut on_reply)?;
+        latencies.push(sent_at.elapsed());
         retries += resent;
+        last_counter = Some(r.counter);
         if !a.quiet {
             println!(
                 "seq {} -> counter {} (status {})",
@@ -767,12 +786,21 @@ fn client(a: ClientArgs) -> Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     }
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * p).round() as usize)
+            .map_or(0, |d| d.as_micros())
+    };
     println!(
-        "rmc client: {} requests, {} replies, {} resends/repeats in {:.2} s{}",
+        "rmc client: {} requests, {} replies, {} resends/repeats in {:.2} s, latency p50 {} us p99 {} us, last counter {}{}",
         a.requests,
         replies,
         retries,
         start.elapsed().as_secs_f64(),
+        pct(0.5),
+        pct(0.99),
+        last_counter.map_or("-".to_string(), |c| c.to_string()),
         if a.check { ", consistent" } else { "" }
     );
     Ok(ExitCode::SUCCESS)

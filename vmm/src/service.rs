@@ -277,6 +277,11 @@ impl Client {
         self.client_id
     }
 
+    /// Numbers the next new request `seq` (to continue a client across runs).
+    pub fn set_next_seq(&mut self, seq: u64) {
+        self.next_seq = seq.max(1);
+    }
+
     /// Sends the next new request and waits for its answer, resending on timeout, giving up
     /// after `deadline`. Every reply that arrives meanwhile (late answers to earlier seqs)
     /// is passed to `on_reply` too. Returns the reply for the new seq and the number of resends.
