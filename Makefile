@@ -10,9 +10,10 @@ demo: deps
 	cargo build --release --bin rmc
 	target/release/rmc demo
 
-# Every test, plus formatting and lints. KVM tests skip without /dev/kvm unless
+# Every test, plus formatting and lints (--show-output: figures that tests print, such as the
+# failover-time distribution, appear in the log). KVM tests skip without /dev/kvm unless
 # RMC_REQUIRE_KVM=1 (which .ci/run sets when /dev/kvm exists), where they fail instead.
 test: deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	cargo test --workspace
+	cargo test --workspace -- --show-output
