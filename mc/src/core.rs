@@ -392,6 +392,14 @@ impl<T> PrimaryCore<T> {
         self.in_flight.drain(..).collect()
     }
 
+    /// The caller's data of an epoch still in flight.
+    pub fn payload_mut(&mut self, epoch: u64) -> Option<&mut T> {
+        self.in_flight
+            .iter_mut()
+            .find(|f| f.epoch == epoch)
+            .map(|f| &mut f.payload)
+    }
+
     /// Epochs sent and not yet acknowledged.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()

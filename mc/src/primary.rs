@@ -117,8 +117,24 @@ pub struct PrimaryStats {
     pub sync_pages: u64,
     /// Pause of the first checkpoint.
     pub first_pause: Option<Duration>,
-    /// Pause per checkpoint, microseconds.
+    /// Pause per checkpoint (vCPUs stopped), microseconds.
     pub pause_us: Histogram<u64>,
+    /// Stopping the vCPUs (part of the pause), microseconds.
+    pub stop_us: Histogram<u64>,
+    /// Harvesting the dirty log (part of the pause), microseconds.
+    pub harvest_us: Histogram<u64>,
+    /// Saving vCPU and device state (part of the pause), microseconds.
+    pub state_us: Histogram<u64>,
+    /// Copying pages and state into the staging slot (part of the pause), microseconds.
+    pub stage_us: Histogram<u64>,
+    /// Writing the epoch to the transport (checksum + send, guest running), microseconds.
+    pub transmit_us: Histogram<u64>,
+    /// From the end of the write to the ack, microseconds.
+    pub commit_ack_us: Histogram<u64>,
+    /// From the start of the pause to the ack, microseconds.
+    pub e2e_us: Histogram<u64>,
+    /// Bytes of checkpoint epochs sent (headers, index, pages, state, commit).
+    pub checkpoint_bytes: u64,
     /// Dirty pages per checkpoint.
     pub pages: Histogram<u64>,
     /// From handing an epoch to the sender until its ack, microseconds.
@@ -140,6 +156,14 @@ impl PrimaryStats {
             sync_pages: 0,
             first_pause: None,
             pause_us: h(),
+            stop_us: h(),
+            harvest_us: h(),
+            state_us: h(),
+            stage_us: h(),
+            transmit_us: h(),
+            commit_ack_us: h(),
+            e2e_us: h(),
+            checkpoint_bytes: 0,
             pages: h(),
             ack_us: h(),
             oversize: 0,
@@ -152,6 +176,10 @@ impl PrimaryStats {
 struct Payload {
     _slot: Option<Arc<Slot>>,
     dirty: DirtySet,
+    /// When the checkpoint's pause began (None for sync epochs).
+    paused_at: Option<Instant>,
+    /// When the transport finished writing it.
+    written_at: Option<Instant>,
 }
 
 struct Job {
@@ -161,7 +189,13 @@ struct Job {
 
 enum Event {
     Message(Message),
-    Sent(u64),
+    /// Epoch written: when the write started and ended, and how many bytes.
+    Sent {
+        epoch: u64,
+        started: Instant,
+        ended: Instant,
+        bytes: u64,
+    },
     Failed(LinkError),
 }
 
@@ -372,7 +406,7 @@ impl<'g, G: Guest> Primary<'g, G> {
                 slot.gather(self.guest.memory(), chunk)?;
                 let mut set = DirtySet::empty(&self.guest.regions());
                 chunk.iter().for_each(|p| set.insert(p.0));
-                self.hand_over(EpochKind::Sync, slot, set)?;
+                self.hand_over(EpochKind::Sync, slot, set, None)?;
             }
             self.stats.sync_pages += n as u64;
             to_send = self.guest.harvest().map_err(PrimaryError::Guest)?;
@@ -413,6 +447,7 @@ impl<'g, G: Guest> Primary<'g, G> {
         let guest = self.guest;
         let t0 = Instant::now();
         guest.pause();
+        let t_stopped = Instant::now();
         let mut dirty = match guest.harvest() {
             Ok(d) => d,
             Err(e) => {
@@ -424,8 +459,11 @@ impl<'g, G: Guest> Primary<'g, G> {
         dirty.union_with(&pending);
         // Output commit: what the guest sent until now is released with this checkpoint's ack.
         guest.close_output_epoch(self.core.next_epoch());
+        let t_harvested = Instant::now();
+        let mut t_saved = t_harvested;
         let staged = (|| {
             let state = guest.save_state().map_err(PrimaryError::Guest)?;
+            t_saved = Instant::now();
             let pages: Vec<GuestAddress> = dirty.pages().collect();
             if pages.len() > slot.capacity() {
                 return Ok((state, pages, false));
@@ -434,6 +472,12 @@ impl<'g, G: Guest> Primary<'g, G> {
             slot.set_state(&state)?;
             Ok::<_, PrimaryError>((state, pages, true))
         })();
+        let t_staged = Instant::now();
+        let us =
+            |a: Instant, b: Instant| (b.saturating_duration_since(a).as_micros() as u64).max(1);
+        let _ = self.stats.stop_us.record(us(t0, t_stopped));
+        let _ = self.stats.harvest_us.record(us(t_stopped, t_harvested));
+        let _ = self.stats.state_us.record(us(t_harvested, t_saved));
         let (state, pages, fits) = match staged {
             Ok(x) => x,
             Err(e) => {
@@ -458,6 +502,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             );
             return r;
         }
+        let _ = self.stats.stage_us.record(us(t_saved, t_staged));
         if resume {
             guest.resume();
         }
@@ -471,7 +516,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             in_flight = self.core.in_flight(),
             "checkpoint staged"
         );
-        let r = self.hand_over(EpochKind::Checkpoint, slot, dirty);
+        let r = self.hand_over(EpochKind::Checkpoint, slot, dirty, Some(t0));
         if r.is_err() && !resume {
             guest.resume();
         }
@@ -498,6 +543,7 @@ impl<'g, G: Guest> Primary<'g, G> {
         kind: EpochKind,
         slot: Slot,
         dirty: DirtySet,
+        paused_at: Option<Instant>,
     ) -> Result<(), PrimaryError> {
         let slot = Arc::new(slot);
         let state_len = if kind == EpochKind::Checkpoint {
@@ -512,6 +558,8 @@ impl<'g, G: Guest> Primary<'g, G> {
             Payload {
                 _slot: Some(slot.clone()),
                 dirty,
+                paused_at,
+                written_at: None,
             },
             Instant::now(),
         );
@@ -541,7 +589,12 @@ impl<'g, G: Guest> Primary<'g, G> {
             EpochKind::Checkpoint,
             pages.len() as u64,
             state.len() as u32,
-            Payload { _slot: None, dirty },
+            Payload {
+                _slot: None,
+                dirty,
+                paused_at: None,
+                written_at: None,
+            },
             Instant::now(),
         );
         let index: Vec<u8> = pages.iter().flat_map(|p| p.0.to_le_bytes()).collect();
@@ -590,12 +643,24 @@ impl<'g, G: Guest> Primary<'g, G> {
             first = false;
             match ev {
                 Event::Failed(e) => return Err(e.into()),
-                Event::Sent(epoch) => {
-                    let now = Instant::now();
+                Event::Sent {
+                    epoch,
+                    started,
+                    ended,
+                    bytes,
+                } => {
                     self.sent_up_to = epoch;
-                    self.core.sent(now);
+                    self.core.sent(ended);
                     // The standby took the whole epoch off the connection: it is alive.
-                    self.core.heard(now);
+                    self.core.heard(ended);
+                    if let Some(p) = self.core.payload_mut(epoch) {
+                        if p.paused_at.is_some() {
+                            p.written_at = Some(ended);
+                            let us = ended.saturating_duration_since(started).as_micros() as u64;
+                            let _ = self.stats.transmit_us.record(us.max(1));
+                            self.stats.checkpoint_bytes += bytes;
+                        }
+                    }
                 }
                 Event::Message(m) => {
                     let now = Instant::now();
@@ -620,8 +685,15 @@ impl<'g, G: Guest> Primary<'g, G> {
             );
             if f.kind == EpochKind::Checkpoint {
                 self.stats.checkpoints_acked += 1;
-                let us = now.saturating_duration_since(f.sent_at).as_micros() as u64;
-                let _ = self.stats.ack_us.record(us.max(1));
+                let since =
+                    |t: Instant| (now.saturating_duration_since(t).as_micros() as u64).max(1);
+                let _ = self.stats.ack_us.record(since(f.sent_at));
+                if let Some(w) = f.payload.written_at {
+                    let _ = self.stats.commit_ack_us.record(since(w));
+                }
+                if let Some(p) = f.payload.paused_at {
+                    let _ = self.stats.e2e_us.record(since(p));
+                }
             }
             self.stats.last_acked = f.epoch;
             // Dropping the payload releases its slot (once the sender is done with it too).
@@ -692,9 +764,18 @@ fn spawn_sender(
                     epoch: job.header.epoch,
                     checksum: wire::checksum(parts),
                 };
+                let started = Instant::now();
                 let r = writer.lock().send_epoch(&job.header, parts, &commit);
+                let bytes = parts.iter().map(|p| p.len() as u64).sum::<u64>()
+                    + 3 * wire::FRAME_HEADER_LEN as u64
+                    + 40;
                 let ev = match r {
-                    Ok(()) => Event::Sent(job.header.epoch),
+                    Ok(()) => Event::Sent {
+                        epoch: job.header.epoch,
+                        started,
+                        ended: Instant::now(),
+                        bytes,
+                    },
                     Err(e) => Event::Failed(e),
                 };
                 let failed = matches!(ev, Event::Failed(_));

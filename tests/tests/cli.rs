@@ -319,6 +319,7 @@ fn bench_smoke_run_reports_every_figure() {
     if !kvm_available("bench_smoke_run_reports_every_figure") {
         return;
     }
+    let svg = std::env::temp_dir().join(format!("rmc-bench-smoke-{}.svg", std::process::id()));
     let out = Command::new(rmc_bin())
         .args([
             "--log",
@@ -329,50 +330,77 @@ fn bench_smoke_run_reports_every_figure() {
             "--dirty-pages",
             "100,400",
         ])
-        .args(["--seconds", "0.5", "--json"])
+        .args(["--epoch-ms", "0,10", "--seconds", "0.6", "--json", "--svg"])
+        .arg(&svg)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
     assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("rmc bench: [4/4]"),
+        "progress on stderr: {stderr}"
     );
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("bench --json prints JSON");
-    assert_eq!(v["schema"], 1);
+    assert_eq!(v["schema"], 2);
     assert_eq!(v["memory_bytes"], 64u64 << 20);
     let rows = v["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 2);
-    for (row, n) in rows.iter().zip([100u64, 400]) {
-        assert_eq!(row["dirty_pages"], n);
+    assert_eq!(rows.len(), 4, "one row per configuration");
+    for row in rows {
         assert!(row["checkpoints"].as_u64().unwrap() > 0, "{row}");
-        for key in [
-            "pause_p50_us",
-            "pause_p99_us",
-            "first_pause_us",
-            "ack_p50_us",
-            "sync_pages",
+        for phase in [
+            "stop",
+            "harvest",
+            "state_save",
+            "stage",
+            "pause",
+            "transmit",
+            "commit_to_ack",
+            "end_to_end",
         ] {
+            let p = &row["phases"][phase];
             assert!(
-                row[key].as_u64().unwrap() > 0,
-                "{key} has no samples: {row}"
+                p["count"].as_u64().unwrap() > 0,
+                "phase {phase} has no samples: {row}"
+            );
+            assert!(
+                p["p50"].as_u64() <= p["p99"].as_u64() && p["p99"].as_u64() <= p["max"].as_u64(),
+                "{p}"
             );
         }
         for key in [
-            "harvest_us",
-            "memcpy_us",
-            "save_state_us",
+            "harvest_floor_us",
+            "memcpy_floor_us",
+            "state_save_floor_us",
+            "raw_bytes_per_s",
+            "link_efficiency",
             "checkpoints_per_s",
-            "pages_per_epoch",
         ] {
-            assert!(
-                row[key].as_f64().unwrap() > 0.0,
-                "{key} has no samples: {row}"
-            );
+            assert!(row[key].as_f64().unwrap() > 0.0, "{key}: {row}");
         }
-        assert!(row["pause_p99_us"].as_u64() >= row["pause_p50_us"].as_u64());
-        assert!(row["standby_total"].as_f64().unwrap() >= 1.0);
+        assert!(row["slowdown"].is_number(), "{row}");
     }
+    let plot = std::fs::read_to_string(&svg).expect("the SVG plot");
+    assert!(plot.contains("<svg") && plot.contains("dirty pages per epoch"));
+    let _ = std::fs::remove_file(&svg);
+    // RDMA is refused clearly until it exists.
+    let out = rmc_bench_rdma().output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RDMA transport is not built yet"));
+}
+
+fn rmc_bench_rdma() -> Command {
+    let mut c = Command::new(rmc_bin());
+    c.args([
+        "bench",
+        "--memory",
+        "32M",
+        "--transport",
+        "rdma",
+        "--seconds",
+        "0.1",
+    ]);
+    c
 }
 
 #[test]

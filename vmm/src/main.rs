@@ -164,10 +164,21 @@ struct BenchArgs {
     /// Guest memory size.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     memory: u64,
-    /// Dirty pages per epoch, comma separated: one row each.
-    #[arg(long, value_delimiter = ',', default_value = "100,300,1000,10000")]
+    /// Dirty pages per epoch, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
     dirty_pages: Vec<u64>,
-    /// Seconds of protected run per row (after the full sync).
+    /// Epoch lengths in ms, comma separated; 0 = each epoch ends as soon as N pages are dirty
+    /// (the guest dirties as fast as it can). With a length, the guest dirties N pages per
+    /// epoch at an even rate.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    epoch_ms: Vec<f64>,
+    /// Transports, comma separated (`tcp`; `rdma` once that transport exists).
+    #[arg(long, value_delimiter = ',', default_value = "tcp")]
+    transport: Vec<TransportArg>,
+    /// Guest vCPU counts, comma separated; each vCPU dirties N / vcpus pages.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    vcpus: Vec<u32>,
+    /// Seconds of protected run per configuration (after the full sync).
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
     /// Who dirties the pages: `guest` (the guest's dirtier: real guest writes at the guest's
@@ -175,9 +186,20 @@ struct BenchArgs {
     /// to measure the pipeline itself; its checkpoints are not consistent images).
     #[arg(long, default_value = "guest")]
     dirty_source: DirtySourceArg,
-    /// Print JSON (one object with a `rows` array) instead of the table.
+    /// Print JSON (schema in docs/bench-json.md) instead of the tables.
     #[arg(long)]
     json: bool,
+    /// Also write an SVG plot of pause and end-to-end latency against dirty pages.
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum TransportArg {
+    /// TCP.
+    Tcp,
+    /// RDMA (not built yet).
+    Rdma,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -652,23 +674,38 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
 }
 
 fn bench(a: BenchArgs) -> Result<ExitCode> {
-    let c = rmc_vmm::bench::BenchConfig {
+    use rmc_vmm::bench::{self, DirtySource, Transport};
+    let c = bench::BenchConfig {
         source: match a.dirty_source {
-            DirtySourceArg::Guest => rmc_vmm::bench::DirtySource::Guest,
-            DirtySourceArg::Host => rmc_vmm::bench::DirtySource::Host,
+            DirtySourceArg::Guest => DirtySource::Guest,
+            DirtySourceArg::Host => DirtySource::Host,
         },
         mem_size: a.memory,
         dirty_pages: a.dirty_pages,
+        epoch_ms: a.epoch_ms,
+        transports: a
+            .transport
+            .iter()
+            .map(|t| match t {
+                TransportArg::Tcp => Transport::Tcp,
+                TransportArg::Rdma => Transport::Rdma,
+            })
+            .collect(),
+        vcpus: a.vcpus,
         seconds: a.seconds,
     };
-    let rows = rmc_vmm::bench::run(&c, &mut |m| eprintln!("rmc bench: {m}"))?;
+    let rows = bench::run(&c, &mut |m| eprintln!("rmc bench: {m}"))?;
+    if let Some(path) = &a.svg {
+        bench::svg(&rows, path).with_context(|| format!("Cannot write {}", path.display()))?;
+        eprintln!("rmc bench: plot written to {}", path.display());
+    }
     if a.json {
         println!(
             "{}",
-            serde_json::json!({ "schema": 1, "memory_bytes": a.memory, "rows": rows })
+            serde_json::json!({ "schema": bench::SCHEMA, "memory_bytes": a.memory, "rows": rows })
         );
     } else {
-        print!("{}", rmc_vmm::bench::table(&rows, a.memory));
+        print!("{}", bench::table(&rows, a.memory));
     }
     Ok(ExitCode::SUCCESS)
 }
