@@ -330,7 +330,7 @@ fn bench_smoke_run_reports_every_figure() {
             "--dirty-pages",
             "100,400",
         ])
-        .args(["--epoch-ms", "0,10", "--seconds", "0.6", "--json", "--svg"])
+        .args(["--epoch-ms", "0,10", "--seconds", "1", "--json", "--svg"])
         .arg(&svg)
         .output()
         .unwrap();
@@ -346,6 +346,11 @@ fn bench_smoke_run_reports_every_figure() {
     assert_eq!(v["memory_bytes"], 64u64 << 20);
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 4, "one row per configuration");
+    let epochs: u64 = rows
+        .iter()
+        .map(|r| r["checkpoints"].as_u64().unwrap())
+        .sum();
+    assert!(epochs >= 200, "a few hundred epochs, not {epochs}");
     for row in rows {
         assert!(row["checkpoints"].as_u64().unwrap() > 0, "{row}");
         for phase in [
@@ -380,6 +385,7 @@ fn bench_smoke_run_reports_every_figure() {
         }
         assert!(row["slowdown"].is_number(), "{row}");
     }
+    assert!(rows[0]["standby_total"].as_f64().unwrap() >= 1.0);
     let plot = std::fs::read_to_string(&svg).expect("the SVG plot");
     assert!(plot.contains("<svg") && plot.contains("dirty pages per epoch"));
     let _ = std::fs::remove_file(&svg);
@@ -387,6 +393,53 @@ fn bench_smoke_run_reports_every_figure() {
     let out = rmc_bench_rdma().output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("RDMA transport is not built yet"));
+}
+
+#[test]
+fn bench_against_an_external_standby() {
+    if !kvm_available("bench_against_an_external_standby") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("rmc-cli-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = secret_file(&dir, "secret", "bench against an external standby");
+    let (standby, addr) = start_standby(&secret, 2);
+    let mut standby = Killed(standby);
+    let out = Command::new(rmc_bin())
+        .args([
+            "--log",
+            "warn",
+            "bench",
+            "--memory",
+            "32M",
+            "--dirty-pages",
+            "100,200",
+        ])
+        .args([
+            "--seconds",
+            "0.5",
+            "--json",
+            "--standby",
+            &addr,
+            "--secret-file",
+        ])
+        .arg(&secret)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for row in v["rows"].as_array().unwrap() {
+        assert!(row["checkpoints"].as_u64().unwrap() > 0, "{row}");
+        assert!(row["standby_total"].is_null(), "{row}");
+    }
+    // Both sessions ended with a goodbye: the standby exits cleanly after its 2 sessions.
+    assert!(standby.0.wait().unwrap().success());
+    assert_eq!(standby_output().matches("closed by the primary").count(), 2);
 }
 
 fn rmc_bench_rdma() -> Command {

@@ -69,6 +69,8 @@ pub struct BenchConfig {
     pub seconds: f64,
     /// Who dirties the pages.
     pub source: DirtySource,
+    /// A running `rmc standby` to use (address, shared secret) instead of one in this process.
+    pub standby: Option<(std::net::SocketAddr, Vec<u8>)>,
 }
 
 /// Percentiles of one phase, microseconds.
@@ -168,8 +170,9 @@ pub struct Row {
     pub link_efficiency: f64,
     /// Primary memory beyond the guest's (staging), as a multiple of guest memory.
     pub primary_extra: f64,
-    /// Standby memory (backup + staging) as a multiple of guest memory.
-    pub standby_total: f64,
+    /// Standby memory (backup + staging) as a multiple of guest memory; null for an external
+    /// standby.
+    pub standby_total: Option<f64>,
 }
 
 const SECRET: &[u8] = b"rmc bench in-process secret";
@@ -234,21 +237,27 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
     std::thread::sleep(Duration::from_secs(1));
     let unprotected_pages_per_s = (progress(&vm) - p0) as f64 / t0.elapsed().as_secs_f64();
 
-    let mut sb = Standby::bind(
-        "127.0.0.1:0".parse().expect("valid"),
-        StandbyConfig {
-            secret: SECRET.to_vec(),
-            memory_bytes: Some(c.mem_size),
-            heartbeat: Default::default(),
-        },
-    )
-    .context("Cannot start the in-process standby")?;
-    let addr = sb.local_addr();
-    let standby = std::thread::spawn(move || {
-        let s = sb.serve_one();
-        (sb, s)
-    });
-    let mut pc = PrimaryConfig::new(addr, SECRET.to_vec(), c.mem_size / 4096);
+    let (addr, secret, standby) = match &c.standby {
+        Some((addr, secret)) => (*addr, secret.clone(), None),
+        None => {
+            let mut sb = Standby::bind(
+                "127.0.0.1:0".parse().expect("valid"),
+                StandbyConfig {
+                    secret: SECRET.to_vec(),
+                    memory_bytes: Some(c.mem_size),
+                    heartbeat: Default::default(),
+                },
+            )
+            .context("Cannot start the in-process standby")?;
+            let addr = sb.local_addr();
+            let h = std::thread::spawn(move || {
+                let s = sb.serve_one();
+                (sb, s)
+            });
+            (addr, SECRET.to_vec(), Some(h))
+        }
+    };
+    let mut pc = PrimaryConfig::new(addr, secret, c.mem_size / 4096);
     pc.slot_pages = pc.slot_pages.max(2 * n as usize + 64);
     pc.max_dirty_pages = n as usize;
     pc.epoch_interval = if epoch_ms > 0.0 {
@@ -292,9 +301,14 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
     })?;
     let run_s = (stats.sync_time + stats.protected_time).as_secs_f64();
     let guest_pages_per_s = (progress(&vm) - p_start) as f64 / run_s;
-    let (sb, session) = standby.join().expect("standby thread");
-    session?.result?;
-    let standby_total = (c.mem_size as f64 + sb.staging_bytes() as f64) / c.mem_size as f64;
+    let standby_total = match standby {
+        Some(h) => {
+            let (sb, session) = h.join().expect("standby thread");
+            session?.result?;
+            Some((c.mem_size as f64 + sb.staging_bytes() as f64) / c.mem_size as f64)
+        }
+        None => None,
+    };
 
     // Floors, on the same VM.
     vm.resume();
@@ -341,6 +355,8 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
     } else {
         0.0
     };
+    // Between the same endpoints: this host to the standby's host (loopback when in-process;
+    // the raw stream then goes to a sink on this host, the best the local stack can do).
     let raw_bytes_per_s = raw_tcp(epoch_bytes.max(4096.0) as usize, Duration::from_millis(500))?;
     let phases: BTreeMap<String, Percentiles> = [
         ("stop", &stats.stop_us),
@@ -459,9 +475,14 @@ fn median(v: &mut [f64]) -> f64 {
 /// The human tables: one line per configuration, then the phases.
 pub fn table(rows: &[Row], mem_size: u64) -> String {
     let mut s = format!(
-        "guest {} MiB, standby in-process over loopback, dirtied by {}\n\
+        "guest {} MiB, standby {}, dirtied by {}\n\
          {:>4} {:>4} {:>6} {:>6} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>5} {:>9} {:>9}\n",
         mem_size >> 20,
+        if rows.first().is_some_and(|r| r.standby_total.is_none()) {
+            "external (--standby)"
+        } else {
+            "in-process over loopback"
+        },
         match rows.first().map(|r| r.source) {
             Some(DirtySource::Host) => "a host thread (device-like writes; speed test only)",
             _ => "the guest's dirtier vCPUs",
@@ -675,7 +696,7 @@ mod tests {
             transmit_bytes_per_s: 1.0,
             link_efficiency: 1.0,
             primary_extra: 0.25,
-            standby_total: 1.25,
+            standby_total: Some(1.25),
         }
     }
 

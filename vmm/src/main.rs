@@ -192,6 +192,13 @@ struct BenchArgs {
     /// Also write an SVG plot of pause and end-to-end latency against dirty pages.
     #[arg(long)]
     svg: Option<std::path::PathBuf>,
+    /// Use a running `rmc standby` at this address instead of one in this process (needs
+    /// --secret-file; the standby must accept this guest's memory size and several sessions).
+    #[arg(long, requires = "secret_file")]
+    standby: Option<SocketAddr>,
+    /// Shared secret file for --standby.
+    #[arg(long)]
+    secret_file: Option<std::path::PathBuf>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -693,6 +700,16 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
             .collect(),
         vcpus: a.vcpus,
         seconds: a.seconds,
+        standby: match (a.standby, &a.secret_file) {
+            (Some(addr), Some(f)) => Some((
+                addr,
+                SecretArgs {
+                    secret_file: f.clone(),
+                }
+                .read()?,
+            )),
+            _ => None,
+        },
     };
     let rows = bench::run(&c, &mut |m| eprintln!("rmc bench: {m}"))?;
     if let Some(path) = &a.svg {
