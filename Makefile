@@ -17,3 +17,6 @@ test: deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace -- --show-output
+	# The RDMA environment, inside a throwaway Soft-RoCE VM (see soft-roce/README.md).
+	cargo build --bin rmc
+	soft-roce/run-in-vm.sh -- soft-roce/smoke.sh "$$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/rmc"

@@ -4,7 +4,10 @@
 # installed with rustup: Debian's own cargo is too old for this workspace.
 set -euo pipefail
 
-packages=(gcc libc6-dev make pkg-config iproute2 procps)
+packages=(gcc libc6-dev make pkg-config iproute2 procps
+    # The Soft-RoCE VM of soft-roce/run-in-vm.sh (the host kernel has no RDMA stack).
+    qemu-system-x86 linux-image-amd64 busybox-static
+    rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -18,6 +21,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v vng >/dev/null; then
+    echo "install-deps: installing virtme-ng (PyPI) for the Soft-RoCE VM"
+    python3 -m pip install -q virtme-ng
+    command -v vng >/dev/null || hash -r
 fi
 
 for tool in cargo rustc; do

@@ -39,6 +39,9 @@ enum Command {
     /// The whole story on this machine: primary, standby, a checking client; the primary is
     /// SIGKILLed and the standby takes over.
     Demo(DemoArgs),
+    /// List the RDMA devices, ports, port states and GIDs, which local address maps to which
+    /// device, and why a device cannot be used.
+    Devices(DevicesArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +142,13 @@ struct StandbyArgs {
     /// After a failover, stop the VM after this many seconds (default: run until killed).
     #[arg(long)]
     run_for: Option<f64>,
+}
+
+#[derive(Parser, Debug)]
+struct DevicesArgs {
+    /// Where the kernel lists RDMA devices.
+    #[arg(long, default_value = rmc_transport::rdma_devices::SYSFS_ROOT)]
+    sysfs: std::path::PathBuf,
 }
 
 #[derive(Parser, Debug)]
@@ -359,6 +369,7 @@ fn main() -> ExitCode {
         Command::Client(a) => client(a),
         Command::Bench(a) => bench(a),
         Command::Demo(a) => demo(a),
+        Command::Devices(a) => devices(a),
     };
     match result {
         Ok(code) => code,
@@ -618,6 +629,21 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn devices(a: DevicesArgs) -> Result<ExitCode> {
+    use rmc_transport::rdma_devices;
+    match rdma_devices::list(&a.sysfs) {
+        Ok(devs) => {
+            print!("{}", rdma_devices::report(&devs));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e @ rdma_devices::DevicesError::NoRdmaStack(_)) => {
+            println!("No RDMA devices: {e}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn demo(a: DemoArgs) -> Result<ExitCode> {
