@@ -234,10 +234,7 @@ pub fn report(devices: &[Device]) -> String {
 
 /// The device and port whose RoCE v2 GID carries `ip`, if any (which device a local address
 /// maps to).
-pub fn device_for_ip<'a>(
-    devices: &'a [Device],
-    ip: IpAddr,
-) -> Option<(&'a Device, &'a Port, &'a Gid)> {
+pub fn device_for_ip(devices: &[Device], ip: IpAddr) -> Option<(&Device, &Port, &Gid)> {
     devices.iter().find_map(|d| {
         d.ports.iter().find_map(|p| {
             p.gids
