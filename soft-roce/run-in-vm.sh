@@ -61,7 +61,9 @@ echo \$? > $work/rc
 INNER
 chmod +x "$work/inner.sh"
 echo "run-in-vm.sh: booting $kernel under TCG with Soft-RoCE ($memory, $cpus CPUs)..." >&2
+# Through a pipe: virtme-ng reopens /dev/stdout, which would truncate a log file that our
+# stdout points at (losing everything written before); on a pipe that is harmless.
 vng -r "$kernel" --disable-kvm --user root --memory "$memory" --cpus "$cpus" \
-    --qemu-opts='-cpu max' --rwdir "$PWD" --exec "$work/inner.sh" || true
+    --qemu-opts='-cpu max' --rwdir "$PWD" --exec "$work/inner.sh" 2>&1 | cat || true
 [ -f "$work/rc" ] || die "the command did not run (the VM failed to boot or the setup failed)"
 exit "$(cat "$work/rc")"
