@@ -73,7 +73,18 @@ pub(crate) struct RunControl {
     ctl: Mutex<Ctl>,
     cond: Condvar,
     count: usize,
+    /// `parked + stopped`, readable without the lock: the pauser spins on it briefly before
+    /// sleeping, since vCPUs usually park within tens of microseconds and a futex sleep and
+    /// wake-up would add as much again to every checkpoint pause.
+    settled: std::sync::atomic::AtomicUsize,
+    /// Spin only when every vCPU can run beside the spinning pauser: with more vCPUs than
+    /// spare cores the spin steals the CPU they need to reach their park point (measured: 4
+    /// busy vCPUs on 2 cores took 3x longer to pause with spinning).
+    spin: bool,
 }
+
+/// How long the pauser spins before it sleeps on the condition variable.
+const PAUSE_SPIN: Duration = Duration::from_micros(500);
 
 impl RunControl {
     /// A control for `count` vCPUs that starts paused.
@@ -86,6 +97,8 @@ impl RunControl {
             }),
             cond: Condvar::new(),
             count,
+            settled: std::sync::atomic::AtomicUsize::new(0),
+            spin: std::thread::available_parallelism().map_or(1, |n| n.get()) > count,
         }
     }
 
@@ -97,11 +110,13 @@ impl RunControl {
     fn park(&self) -> bool {
         let mut c = self.ctl.lock();
         c.parked += 1;
+        self.settled.fetch_add(1, Ordering::Release);
         self.cond.notify_all();
         while c.pause && !c.exit {
             self.cond.wait(&mut c);
         }
         c.parked -= 1;
+        self.settled.fetch_sub(1, Ordering::Release);
         c.exit
     }
 
@@ -109,6 +124,7 @@ impl RunControl {
     fn stop(&self) {
         let mut c = self.ctl.lock();
         c.stopped += 1;
+        self.settled.fetch_add(1, Ordering::Release);
         self.cond.notify_all();
         while !c.exit {
             self.cond.wait(&mut c);
@@ -121,6 +137,12 @@ impl RunControl {
         self.flag.store(true, Ordering::Release);
         for v in vcpus {
             v.kick();
+        }
+        if self.spin {
+            let spin_until = Instant::now() + PAUSE_SPIN;
+            while self.settled.load(Ordering::Acquire) < self.count && Instant::now() < spin_until {
+                std::hint::spin_loop();
+            }
         }
         let mut c = self.ctl.lock();
         while c.parked + c.stopped < self.count {
