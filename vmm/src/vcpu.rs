@@ -84,7 +84,7 @@ pub(crate) struct RunControl {
 }
 
 /// How long the pauser spins before it sleeps on the condition variable.
-const PAUSE_SPIN: Duration = Duration::from_micros(500);
+const PAUSE_SPIN: Duration = Duration::from_micros(200);
 
 impl RunControl {
     /// A control for `count` vCPUs that starts paused.
@@ -141,7 +141,8 @@ impl RunControl {
         if self.spin {
             let spin_until = Instant::now() + PAUSE_SPIN;
             while self.settled.load(Ordering::Acquire) < self.count && Instant::now() < spin_until {
-                std::hint::spin_loop();
+                // Yield rather than burn: a vCPU woken from a device wait may need this core.
+                std::thread::yield_now();
             }
         }
         let mut c = self.ctl.lock();
