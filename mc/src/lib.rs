@@ -17,6 +17,20 @@ use std::time::Duration;
 
 pub use dirty::DirtySet;
 
+/// Passes a protocol result through; on an error, first tells the peer why with a `Refuse`
+/// (best effort: it may be gone), so both logs name the problem.
+pub(crate) fn refuse_on_error<T, W: std::io::Write>(
+    r: Result<T, core::ProtocolError>,
+    writer: &mut rmc_transport::tcp::FrameWriter<W>,
+) -> Result<T, core::ProtocolError> {
+    if let Err(e) = &r {
+        if let Some(refuse) = core::refusal(e) {
+            let _ = writer.send(&refuse);
+        }
+    }
+    r
+}
+
 /// An error from the guest (the VMM's own error type, boxed).
 pub type GuestError = Box<dyn std::error::Error + Send + Sync + 'static>;
 

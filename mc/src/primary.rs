@@ -269,16 +269,7 @@ impl<'g, G: Guest> Primary<'g, G> {
         };
         loop {
             let msg = reader.next_message(&mut idle)?;
-            let action = match core.on_message(msg, Instant::now()) {
-                Ok(a) => a,
-                Err(e) => {
-                    // Tell the peer why (if it still listens), then end the connection.
-                    if let Some(refuse) = crate::core::refusal(&e) {
-                        let _ = writer.send(&refuse);
-                    }
-                    return Err(e.into());
-                }
-            };
+            let action = crate::refuse_on_error(core.on_message(msg, Instant::now()), &mut writer)?;
             match action {
                 PrimaryAction::Send(m) => writer.send(&m)?,
                 PrimaryAction::Established { last_applied } => {

@@ -241,16 +241,10 @@ impl Standby {
                 continue;
             }
             let msg = reader.read_message(h, &mut idler(&mut core, &mut writer))?;
-            let action = match core.on_message(msg, auth::nonce(), Instant::now()) {
-                Ok(a) => a,
-                Err(e) => {
-                    // Tell the peer why (if it still listens), then end the connection.
-                    if let Some(refuse) = crate::core::refusal(&e) {
-                        let _ = writer.send(&refuse);
-                    }
-                    return Err(e.into());
-                }
-            };
+            let action = crate::refuse_on_error(
+                core.on_message(msg, auth::nonce(), Instant::now()),
+                &mut writer,
+            )?;
             match action {
                 StandbyAction::Goodbye => return Ok(()),
                 StandbyAction::None | StandbyAction::ExpectBody { .. } => {}
