@@ -5,6 +5,9 @@
 set -euo pipefail
 
 packages=(gcc libc6-dev make pkg-config iproute2 procps
+    # The RDMA transport links libibverbs and librdmacm; rdma-sys generates its bindings with
+    # bindgen, which needs libclang.
+    libibverbs-dev librdmacm-dev libclang-dev
     # The Soft-RoCE VM of soft-roce/run-in-vm.sh (the host kernel has no RDMA stack).
     qemu-system-x86 linux-image-amd64 busybox-static
     rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils)

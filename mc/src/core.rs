@@ -167,6 +167,8 @@ pub fn msg_type(m: &Message) -> MsgType {
         Message::Ack { .. } => MsgType::Ack,
         Message::Heartbeat { .. } => MsgType::Heartbeat,
         Message::Goodbye { .. } => MsgType::Goodbye,
+        Message::RegionKey(_) => MsgType::RegionKey,
+        Message::BodyPlaced { .. } => MsgType::BodyPlaced,
     }
 }
 

@@ -21,8 +21,8 @@
 //! slot-sized pieces while the guest stays paused (a long pause, logged as a warning: raise
 //! `--slot-pages` or lower `--max-dirty-pages`).
 
-use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,8 @@ use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use rmc_staging::{Slot, SlotLayout, SlotRing, StagingError};
-use rmc_transport::tcp::{self, FrameReader, FrameWriter, LinkError};
+use rmc_transport::link::{Closer, Conn, Rx, Transport, Tx};
+use rmc_transport::tcp::{FrameReader, FrameWriter, LinkError};
 use rmc_transport::wire::{self, auth, EpochHeader, EpochKind, Layout, Message, MAX_STATE_LEN};
 use tracing::{debug, info, warn};
 use vm_memory::GuestAddress;
@@ -51,6 +52,8 @@ const MAX_SYNC_ROUNDS: usize = 8;
 pub struct PrimaryConfig {
     /// The standby's address.
     pub standby: SocketAddr,
+    /// The transport (`Auto`: RDMA when it reaches the standby, TCP otherwise).
+    pub transport: Transport,
     /// The shared secret.
     pub secret: Vec<u8>,
     /// Time between checkpoints.
@@ -77,6 +80,7 @@ impl PrimaryConfig {
         let slot_pages = (guest_pages / 8).clamp(1024, 65_536) as usize;
         PrimaryConfig {
             standby,
+            transport: Transport::Tcp,
             secret,
             epoch_interval: Duration::from_millis(20),
             max_dirty_pages: slot_pages / 2,
@@ -205,17 +209,20 @@ pub struct Primary<'g, G: Guest> {
     config: PrimaryConfig,
     ring: SlotRing,
     core: PrimaryCore<Payload>,
-    writer: Arc<Mutex<FrameWriter<TcpStream>>>,
+    writer: Arc<Mutex<FrameWriter<Tx>>>,
     jobs: Option<Sender<Job>>,
     events: Receiver<Event>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    stream: TcpStream,
+    closer: Closer,
+    transport: Transport,
     sent_up_to: u64,
     staged_up_to: u64,
     stats: PrimaryStats,
     last_summary: (Instant, u64),
     /// Pages peeked from the dirty log during the current epoch (put back on failure).
     pending: DirtySet,
+    /// Checkpoints acknowledged so far (readable while `run` goes on).
+    acked: Arc<AtomicU64>,
 }
 
 impl<G: Guest> std::fmt::Debug for Primary<'_, G> {
@@ -245,24 +252,28 @@ impl<'g, G: Guest> Primary<'g, G> {
             },
             config.slots,
         )?;
-        let stream = tcp::connect(config.standby, Duration::from_secs(5))?;
-        let io = |source| LinkError::Io {
-            what: "setting up the connection",
-            source,
-        };
-        stream
-            .set_read_timeout(Some(config.heartbeat.interval))
-            .map_err(io)?;
-        let mut reader = FrameReader::new(stream.try_clone().map_err(io)?);
-        let mut writer = FrameWriter::new(stream.try_clone().map_err(io)?);
+        let (conn, why) = Conn::connect(config.standby, config.transport, Duration::from_secs(5))?;
+        let transport = conn.transport();
+        info!(standby = %config.standby, %transport, "connected ({why})");
+        let (rx, tx, closer) = conn.split(config.heartbeat.interval, config.heartbeat.timeout)?;
+        let mut reader = FrameReader::new(rx);
+        let mut writer = FrameWriter::new(tx);
         let now = Instant::now();
         let (mut core, hello) =
             PrimaryCore::new(&config.secret, layout, auth::nonce(), config.heartbeat, now);
         writer.send(&hello)?;
-        let deadline = now + Duration::from_secs(5);
+        // Over RDMA the standby registers its staging region before it accepts (slow under
+        // software emulation), so the handshake may take longer.
+        let limit = match transport {
+            Transport::Rdma => Duration::from_secs(30),
+            _ => Duration::from_secs(5),
+        };
+        let deadline = now + limit;
         let mut idle = |_| {
             if Instant::now() > deadline {
-                Err("The standby did not complete the handshake within 5 s".to_string())
+                Err(format!(
+                    "The standby did not complete the handshake within {limit:?}"
+                ))
             } else {
                 Ok(())
             }
@@ -273,7 +284,23 @@ impl<'g, G: Guest> Primary<'g, G> {
             match action {
                 PrimaryAction::Send(m) => writer.send(&m)?,
                 PrimaryAction::Established { last_applied } => {
-                    info!(standby = %config.standby, last_applied, "standby accepted: protection starting");
+                    if let Some(tx) = writer.get_mut().rdma() {
+                        // The standby's RegionKey follows its Accept.
+                        let key = match reader.next_message(&mut idle)? {
+                            Message::RegionKey(k) => k,
+                            other => {
+                                return Err(PrimaryError::Link(LinkError::Aborted(format!(
+                                    "The standby sent {other:?} where its RDMA region key belongs"
+                                ))))
+                            }
+                        };
+                        tx.enable_placement(&ring, key)
+                            .map_err(|source| LinkError::Io {
+                                what: "setting up RDMA placement",
+                                source,
+                            })?;
+                    }
+                    info!(standby = %config.standby, last_applied, %transport, "standby accepted: protection starting");
                     break;
                 }
                 PrimaryAction::None | PrimaryAction::Acked(_) => {}
@@ -298,10 +325,28 @@ impl<'g, G: Guest> Primary<'g, G> {
             jobs: Some(jobs),
             events,
             threads,
-            stream,
+            closer,
+            transport,
             stats: PrimaryStats::new(),
             pending: DirtySet::empty(&guest.regions()),
+            acked: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// A counter of checkpoints acknowledged, to watch progress while [`Primary::run`] runs.
+    pub fn acked_counter(&self) -> Arc<AtomicU64> {
+        self.acked.clone()
+    }
+
+    /// A handle that cuts the connection to the standby abruptly (no goodbye), as if this
+    /// host had died: for failover tests.
+    pub fn kill_switch(&self) -> std::io::Result<Closer> {
+        self.closer.try_clone()
+    }
+
+    /// The transport the connection uses (what `auto` chose).
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 
     /// Runs the full sync, then checkpoints until `stop` is set or the link fails. When `stop`
@@ -676,6 +721,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             );
             if f.kind == EpochKind::Checkpoint {
                 self.stats.checkpoints_acked += 1;
+                self.acked.fetch_add(1, Ordering::Relaxed);
                 let since =
                     |t: Instant| (now.saturating_duration_since(t).as_micros() as u64).max(1);
                 let _ = self.stats.ack_us.record(since(f.sent_at));
@@ -728,7 +774,7 @@ impl<'g, G: Guest> Primary<'g, G> {
 
     fn shutdown(&mut self) {
         self.jobs = None;
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.closer.close();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -736,7 +782,7 @@ impl<'g, G: Guest> Primary<'g, G> {
 }
 
 fn spawn_sender(
-    writer: Arc<Mutex<FrameWriter<TcpStream>>>,
+    writer: Arc<Mutex<FrameWriter<Tx>>>,
     jobs: Receiver<Job>,
     events: Sender<Event>,
 ) -> std::thread::JoinHandle<()> {
@@ -756,7 +802,23 @@ fn spawn_sender(
                     checksum: wire::checksum(parts),
                 };
                 let started = Instant::now();
-                let r = writer.lock().send_epoch(&job.header, parts, &commit);
+                let r = {
+                    let mut w = writer.lock();
+                    match w.get_mut().rdma() {
+                        // RDMA: the body goes by RDMA WRITE into the standby's slot of the
+                        // same number; header, BodyPlaced and commit follow as one SEND.
+                        Some(tx) => tx
+                            .place(slot, job.header.kind == EpochKind::Checkpoint)
+                            .map_err(|source| LinkError::Io {
+                                what: "placing an epoch by RDMA WRITE",
+                                source,
+                            })
+                            .and_then(|len| {
+                                w.send_placed(&job.header, slot.index() as u32, len, &commit)
+                            }),
+                        None => w.send_epoch(&job.header, parts, &commit),
+                    }
+                };
                 let bytes = parts.iter().map(|p| p.len() as u64).sum::<u64>()
                     + 3 * wire::FRAME_HEADER_LEN as u64
                     + 40;
@@ -778,10 +840,7 @@ fn spawn_sender(
         .expect("spawn sender thread")
 }
 
-fn spawn_reader(
-    mut reader: FrameReader<TcpStream>,
-    events: Sender<Event>,
-) -> std::thread::JoinHandle<()> {
+fn spawn_reader(mut reader: FrameReader<Rx>, events: Sender<Event>) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("rmc-reader".into())
         .spawn(move || loop {

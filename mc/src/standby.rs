@@ -12,13 +12,14 @@
 //! copy) are applied too, but the backup is a consistent checkpoint only once a checkpoint
 //! epoch has been applied after them ([`Backup::checkpoint`]).
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use rmc_staging::{SlotLayout, SlotRing, StagingError};
-use rmc_transport::tcp::{self, FrameReader, FrameWriter, LinkError};
+use rmc_transport::link::{Conn, Listener, Rx, Transport, Tx};
+use rmc_transport::tcp::{FrameReader, FrameWriter, LinkError};
 use rmc_transport::wire::{
-    self, auth, EpochHeader, EpochKind, Layout, MsgType, WireError, MAX_STATE_LEN,
+    self, auth, EpochHeader, EpochKind, Layout, Message, MsgType, WireError, MAX_STATE_LEN,
 };
 use tracing::{debug, info};
 use vm_memory::bitmap::AtomicBitmap;
@@ -92,6 +93,9 @@ pub enum StandbyError {
         /// The epoch.
         epoch: u64,
     },
+    /// An RDMA-placed body names a slot it cannot be in.
+    #[error("Invalid RDMA placement: {0}")]
+    Placement(String),
     /// Accepting the connection failed.
     #[error("Cannot accept a connection")]
     Accept(#[source] std::io::Error),
@@ -123,26 +127,45 @@ impl Session {
 /// A standby listening for its primary.
 #[derive(Debug)]
 pub struct Standby {
-    listener: TcpListener,
+    listener: Listener,
     config: StandbyConfig,
     backup: Option<Backup>,
     ring: Option<SlotRing>,
 }
 
 impl Standby {
-    /// Listens on `addr`.
+    /// Listens on `addr` over TCP.
     pub fn bind(addr: SocketAddr, config: StandbyConfig) -> std::io::Result<Self> {
-        Ok(Standby {
-            listener: TcpListener::bind(addr)?,
-            config,
-            backup: None,
-            ring: None,
-        })
+        Ok(Self::bind_with(addr, Transport::Tcp, config)?.0)
+    }
+
+    /// Listens on `addr` with `transport` (`Auto`: RDMA if a usable RDMA device serves the
+    /// address); also returns why that transport was chosen.
+    pub fn bind_with(
+        addr: SocketAddr,
+        transport: Transport,
+        config: StandbyConfig,
+    ) -> std::io::Result<(Self, String)> {
+        let (listener, why) = Listener::bind(addr, transport)?;
+        Ok((
+            Standby {
+                listener,
+                config,
+                backup: None,
+                ring: None,
+            },
+            why,
+        ))
     }
 
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener")
+        self.listener.local_addr()
+    }
+
+    /// The transport it listens with.
+    pub fn transport(&self) -> Transport {
+        self.listener.transport()
     }
 
     /// The backup, if any primary ever connected.
@@ -162,11 +185,11 @@ impl Standby {
 
     /// Accepts one connection and serves it until it ends.
     pub fn serve_one(&mut self) -> Result<Session, StandbyError> {
-        let (stream, peer) = self.listener.accept().map_err(StandbyError::Accept)?;
-        info!(%peer, "primary connected");
+        let (conn, peer) = self.listener.accept().map_err(StandbyError::Accept)?;
+        info!(%peer, transport = %conn.transport(), "primary connected");
         let mut epochs = 0;
         let mut last_heard = Instant::now();
-        let result = self.serve(stream, &mut epochs, &mut last_heard);
+        let result = self.serve(conn, &mut epochs, &mut last_heard);
         let ended = Instant::now();
         match &result {
             Ok(()) => info!(%peer, epochs, "primary closed the connection"),
@@ -183,20 +206,16 @@ impl Standby {
 
     fn serve(
         &mut self,
-        stream: TcpStream,
+        conn: Conn,
         epochs: &mut u64,
         last_heard: &mut Instant,
     ) -> Result<(), StandbyError> {
-        tcp::configure(&stream)?;
-        let io = |source| LinkError::Io {
-            what: "setting up the connection",
-            source,
-        };
-        stream
-            .set_read_timeout(Some(self.config.heartbeat.interval / 2))
-            .map_err(io)?;
-        let mut reader = FrameReader::new(stream.try_clone().map_err(io)?);
-        let mut writer = FrameWriter::new(stream);
+        let (rx, tx, _closer) = conn.split(
+            self.config.heartbeat.interval / 2,
+            self.config.heartbeat.timeout,
+        )?;
+        let mut reader = FrameReader::new(rx);
+        let mut writer = FrameWriter::new(tx);
         let rule = LayoutRule {
             memory_bytes: self.config.memory_bytes,
             existing: self.backup.as_ref().map(|b| b.layout.clone()),
@@ -226,18 +245,27 @@ impl Standby {
                 }
                 Err(e) => return Err(e.into()),
             };
+            if h.ty == MsgType::BodyPlaced {
+                // RDMA: the body is already in one of our slots.
+                let msg = reader.read_message(h, &mut idler(&mut core, &mut writer))?;
+                let Message::BodyPlaced { slot, len } = msg else {
+                    unreachable!("decoded by type")
+                };
+                if writer.get_mut().rdma().is_none() {
+                    return Err(StandbyError::Placement(
+                        "BodyPlaced on a TCP connection".into(),
+                    ));
+                }
+                let header = core.on_body_frame(len)?;
+                let b = self.placed_body(header, slot)?;
+                self.received(&mut core, header, b, &mut body)?;
+                continue;
+            }
             if h.ty == MsgType::EpochBody {
                 let header = core.on_body_frame(h.len)?;
                 let b =
                     self.receive_body(&mut reader, header, &mut idler(&mut core, &mut writer))?;
-                let layout = core.layout().expect("established");
-                let index = b.index();
-                wire::validate_index(&index, layout).map_err(|source| StandbyError::Index {
-                    epoch: header.epoch,
-                    source,
-                })?;
-                core.body_received(b.checksum(), Instant::now())?;
-                body = Some(b);
+                self.received(&mut core, header, b, &mut body)?;
                 continue;
             }
             let msg = reader.read_message(h, &mut idler(&mut core, &mut writer))?;
@@ -251,8 +279,23 @@ impl Standby {
                 StandbyAction::Send(m) => writer.send(&m)?,
                 StandbyAction::Established { layout, accept } => {
                     self.prepare(&layout)?;
+                    // RDMA: register the staging region (the only memory the primary may
+                    // write) and tell the primary where it is, right after the Accept.
+                    let key = match writer.get_mut().rdma() {
+                        Some(tx) => {
+                            let ring = self.ring.as_ref().expect("prepared");
+                            Some(tx.expose(ring).map_err(|source| LinkError::Io {
+                                what: "registering the staging region for RDMA",
+                                source,
+                            })?)
+                        }
+                        None => None,
+                    };
                     core.heard(Instant::now());
                     writer.send(&accept)?;
+                    if let Some(key) = key {
+                        writer.send(&Message::RegionKey(key))?;
+                    }
                     core.sent(Instant::now());
                     info!(
                         regions = ?layout.regions,
@@ -314,9 +357,47 @@ impl Standby {
         Ok(())
     }
 
+    /// Checks a received body's index and records its checksum with the core.
+    fn received(
+        &self,
+        core: &mut StandbyCore,
+        header: EpochHeader,
+        b: Body,
+        body: &mut Option<Body>,
+    ) -> Result<(), StandbyError> {
+        let layout = core.layout().expect("established");
+        let index = b.index();
+        wire::validate_index(&index, layout).map_err(|source| StandbyError::Index {
+            epoch: header.epoch,
+            source,
+        })?;
+        core.body_received(b.checksum(), Instant::now())?;
+        *body = Some(b);
+        Ok(())
+    }
+
+    /// The body the primary RDMA-wrote into our slot `slot`.
+    fn placed_body(&self, header: EpochHeader, slot: u32) -> Result<Body, StandbyError> {
+        let ring = self.ring.as_ref().expect("prepared at handshake");
+        let count = ring.region().slot_count();
+        let mut s = ring.try_acquire_index(slot as usize).ok_or_else(|| {
+            StandbyError::Placement(if slot as usize >= count {
+                format!("epoch {} placed in slot {slot} of {count}", header.epoch)
+            } else {
+                format!(
+                    "epoch {} placed in slot {slot}, which still holds an unapplied epoch",
+                    header.epoch
+                )
+            })
+        })?;
+        // Marks the slot as holding that many pages and state bytes; the bytes are there.
+        s.receive_areas(header.page_count as usize, header.state_len as usize)?;
+        Ok(Body::Slot(s))
+    }
+
     fn receive_body(
         &mut self,
-        reader: &mut FrameReader<TcpStream>,
+        reader: &mut FrameReader<Rx>,
         header: EpochHeader,
         idle: &mut dyn FnMut(Instant) -> Result<(), String>,
     ) -> Result<Body, StandbyError> {
@@ -407,7 +488,7 @@ impl Body {
 /// While a read waits: send heartbeats when due, give up when the primary went silent.
 fn idler<'a>(
     core: &'a mut StandbyCore,
-    writer: &'a mut FrameWriter<TcpStream>,
+    writer: &'a mut FrameWriter<Tx>,
 ) -> impl FnMut(Instant) -> Result<(), String> + 'a {
     move |last_data| {
         core.heard(last_data);
@@ -415,9 +496,9 @@ fn idler<'a>(
     }
 }
 
-fn idle_tick(core: &mut StandbyCore, writer: &mut FrameWriter<TcpStream>) -> Result<(), String> {
+fn idle_tick(core: &mut StandbyCore, writer: &mut FrameWriter<Tx>) -> Result<(), String> {
     match core.tick(Instant::now()) {
-        Ok(Some(hb)) => writer.send(&hb).map_err(|e| e.to_string()),
+        Ok(Some(hb)) => writer.send(&hb).map_err(|e| error_chain(&e)),
         Ok(None) => Ok(()),
         Err(e) => Err(e.to_string()),
     }

@@ -1,18 +1,42 @@
-//! A real standby on loopback against a scripted primary that misbehaves in one way per test.
-//! Each fault must end the connection with an error that names the problem, leave the
-//! standby's last good checkpoint untouched (checked by hash), and the standby must accept a
-//! good primary afterwards.
+//! A real standby against a scripted primary that misbehaves in one way per test. Each fault
+//! must end the connection with an error that names the problem, leave the standby's last good
+//! checkpoint untouched (checked by hash), and the standby must accept a good primary
+//! afterwards.
+//!
+//! The transport is TCP on loopback, or RDMA with `RMC_TEST_TRANSPORT=rdma` (run inside the
+//! Soft-RoCE VM by `soft-roce/rdma-tests.sh`; there good epochs are placed by RDMA WRITE into
+//! the standby's slot, and the `rdma_*` tests inject RDMA-specific failures).
 
-use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rmc_mc::core::Heartbeat;
 use rmc_mc::standby::{error_chain, Session, Standby, StandbyConfig};
+use rmc_staging::{SlotLayout, SlotRing};
+use rmc_transport::link::{first_rdma_ip, Closer, Conn, Rx, Transport, Tx};
 use rmc_transport::tcp::{FrameReader, FrameWriter};
-use rmc_transport::wire::{self, auth, EpochHeader, EpochKind, Layout, Message, PROTOCOL_VERSION};
+use rmc_transport::wire::{
+    self, auth, EpochHeader, EpochKind, Layout, Message, MAX_STATE_LEN, PROTOCOL_VERSION,
+};
 use vm_memory::{Bytes, GuestAddress};
+
+fn transport() -> Transport {
+    match std::env::var("RMC_TEST_TRANSPORT").as_deref() {
+        Ok("rdma") => Transport::Rdma,
+        _ => Transport::Tcp,
+    }
+}
+
+fn listen_addr() -> SocketAddr {
+    match transport() {
+        Transport::Rdma => SocketAddr::new(
+            first_rdma_ip().expect("RMC_TEST_TRANSPORT=rdma, but no usable RDMA port has an IP"),
+            0,
+        ),
+        _ => "127.0.0.1:0".parse().unwrap(),
+    }
+}
 
 const SECRET: &[u8] = b"the shared secret of this test";
 const MEM: u64 = 1 << 20;
@@ -29,8 +53,9 @@ fn layout() -> Layout {
 }
 
 fn standby() -> Standby {
-    Standby::bind(
-        "127.0.0.1:0".parse().unwrap(),
+    Standby::bind_with(
+        listen_addr(),
+        transport(),
         StandbyConfig {
             secret: SECRET.to_vec(),
             memory_bytes: Some(MEM),
@@ -41,6 +66,7 @@ fn standby() -> Standby {
         },
     )
     .unwrap()
+    .0
 }
 
 /// Serves one connection on a thread; returns the standby and how the session went.
@@ -52,18 +78,32 @@ fn serve(mut sb: Standby) -> JoinHandle<(Standby, Session)> {
 }
 
 struct Peer {
-    r: FrameReader<TcpStream>,
-    w: FrameWriter<TcpStream>,
-    raw: TcpStream,
+    r: FrameReader<Rx>,
+    w: FrameWriter<Tx>,
+    closer: Closer,
+    /// Staging slots the size the standby's have (RDMA placement writes from them).
+    ring: SlotRing,
 }
 
 fn connect(addr: SocketAddr) -> Peer {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (conn, _) = Conn::connect(addr, transport(), Duration::from_secs(5)).unwrap();
+    let (r, w, closer) = conn
+        .split(Duration::from_secs(5), Duration::from_secs(5))
+        .unwrap();
+    let l = layout();
+    let ring = SlotRing::new(
+        SlotLayout {
+            slot_pages: l.slot_pages as usize,
+            max_state: MAX_STATE_LEN as usize,
+        },
+        l.slot_count as usize,
+    )
+    .unwrap();
     Peer {
-        r: FrameReader::new(s.try_clone().unwrap()),
-        w: FrameWriter::new(s.try_clone().unwrap()),
-        raw: s,
+        r: FrameReader::new(r),
+        w: FrameWriter::new(w),
+        closer,
+        ring,
     }
 }
 
@@ -88,10 +128,37 @@ fn handshake(p: &mut Peer, secret: &[u8], layout: Layout) -> u64 {
         layout,
     })
     .unwrap();
-    match next(p) {
+    let last = match next(p) {
         Message::Accept { last_applied } => last_applied,
         other => panic!("expected accept, got {other:?}"),
+    };
+    if transport() == Transport::Rdma {
+        let Message::RegionKey(key) = next(p) else {
+            panic!("expected the standby's RDMA region key")
+        };
+        let ring = p.ring.clone();
+        p.w.get_mut()
+            .rdma()
+            .unwrap()
+            .enable_placement(&ring, key)
+            .unwrap();
     }
+    last
+}
+
+/// RDMA: writes an epoch's index, pages and state into a local slot and RDMA-writes it into
+/// the standby's slot of the same number; returns the slot (hold it until the ack) and the
+/// body length.
+fn place(p: &mut Peer, pages: &[(u64, u8)], state: &[u8]) -> (rmc_staging::Slot, u64) {
+    let mut slot = p.ring.acquire_timeout(Duration::from_secs(5)).unwrap();
+    let a = slot.receive_areas(pages.len(), state.len()).unwrap();
+    for (i, &(addr, fill)) in pages.iter().enumerate() {
+        a.index[i * 8..(i + 1) * 8].copy_from_slice(&addr.to_le_bytes());
+        a.data[i * 4096..(i + 1) * 4096].fill(fill);
+    }
+    a.state.copy_from_slice(state);
+    let len = p.w.get_mut().rdma().unwrap().place(&slot, true).unwrap();
+    (slot, len)
 }
 
 /// An epoch's body: pages (address, fill byte) and state.
@@ -119,7 +186,16 @@ fn good_epoch(p: &mut Peer, epoch: u64, kind: EpochKind, pages: &[(u64, u8)], st
         epoch,
         checksum: wire::checksum(&[&index, &rest]),
     };
-    p.w.send_epoch(&h, &[&index, &rest], &commit).unwrap();
+    let _slot = if transport() == Transport::Rdma {
+        let (slot, len) = place(p, pages, state);
+        assert_eq!(len as usize, index.len() + rest.len());
+        p.w.send_placed(&h, slot.index() as u32, len, &commit)
+            .unwrap();
+        Some(slot)
+    } else {
+        p.w.send_epoch(&h, &[&index, &rest], &commit).unwrap();
+        None
+    };
     loop {
         match next(p) {
             Message::Ack { epoch: e } if e == epoch => return,
@@ -323,7 +399,7 @@ fn oversized_length_field() {
             &mut f,
         );
         f[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
-        p.raw.write_all(&f).unwrap();
+        p.w.send_raw(&[&f]).unwrap();
         let _ = p.r.next_message(&mut |_| Err("closed".into()));
     });
 }
@@ -335,7 +411,7 @@ fn unknown_message_type() {
         let mut f = Vec::new();
         wire::encode(&Message::Heartbeat { seq: 1 }, &mut f);
         f[0] = 0x77;
-        p.raw.write_all(&f).unwrap();
+        p.w.send_raw(&[&f]).unwrap();
         let _ = p.r.next_message(&mut |_| Err("closed".into()));
     });
 }
@@ -382,4 +458,137 @@ fn commit_before_data() {
         .unwrap();
         let _ = p.r.next_message(&mut |_| Err("closed".into()));
     });
+}
+
+/// RDMA only: a test of an RDMA failure; elsewhere it says why it does not run.
+fn rdma_only(test: &str) -> bool {
+    let rdma = transport() == Transport::Rdma;
+    if !rdma {
+        eprintln!(
+            "SKIPPED {test}: RDMA-specific; runs inside the Soft-RoCE VM (soft-roce/rdma-tests.sh, \
+             part of `make test`) with RMC_TEST_TRANSPORT=rdma"
+        );
+    }
+    rdma
+}
+
+#[test]
+fn rdma_disconnect_after_placing_before_commit() {
+    if !rdma_only("rdma_disconnect_after_placing_before_commit") {
+        return;
+    }
+    // The body is in the standby's slot, the header and BodyPlaced arrived, then the
+    // primary disconnects (rdma_disconnect) before the commit.
+    check_fault("Connection closed in the middle of epoch 3", |p| {
+        handshake(p, SECRET, layout());
+        let (slot, len) = place(p, &[(0x1000, 0x11), (0x2000, 0x22)], b"st");
+        p.w.send(&Message::EpochHeader(header(
+            3,
+            EpochKind::Checkpoint,
+            2,
+            2,
+        )))
+        .unwrap();
+        p.w.send(&Message::BodyPlaced {
+            slot: slot.index() as u32,
+            len,
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        p.closer.close();
+    });
+}
+
+#[test]
+fn rdma_disconnect_mid_placement() {
+    if !rdma_only("rdma_disconnect_mid_placement") {
+        return;
+    }
+    // Header sent, RDMA WRITEs of the body posted, disconnect at once: some or all of the
+    // body may have landed in the standby's slot, none of it may reach the backup.
+    check_fault("Connection closed in the middle of epoch 3", |p| {
+        handshake(p, SECRET, layout());
+        p.w.send(&Message::EpochHeader(header(
+            3,
+            EpochKind::Checkpoint,
+            16,
+            2,
+        )))
+        .unwrap();
+        let pages: Vec<(u64, u8)> = (0..16).map(|i| (i * 4096, 0xee)).collect();
+        let _ = place(p, &pages, b"st");
+        p.closer.close();
+    });
+}
+
+#[test]
+fn rdma_body_placed_in_a_slot_that_does_not_exist() {
+    if !rdma_only("rdma_body_placed_in_a_slot_that_does_not_exist") {
+        return;
+    }
+    check_fault(
+        "Invalid RDMA placement: epoch 3 placed in slot 7 of 2",
+        |p| {
+            handshake(p, SECRET, layout());
+            p.w.send(&Message::EpochHeader(header(
+                3,
+                EpochKind::Checkpoint,
+                1,
+                2,
+            )))
+            .unwrap();
+            p.w.send(&Message::BodyPlaced {
+                slot: 7,
+                len: 8 + 4096 + 2,
+            })
+            .unwrap();
+            let _ = p.r.next_message(&mut |_| Err("closed".into()));
+        },
+    );
+}
+
+#[test]
+fn rdma_queue_pair_forced_into_error() {
+    if !rdma_only("rdma_queue_pair_forced_into_error") {
+        return;
+    }
+    let (sb, before) = standby_with_checkpoint();
+    let addr = sb.local_addr();
+    let h = serve(sb);
+    let mut p = connect(addr);
+    handshake(&mut p, SECRET, layout());
+    // Our QP goes to the error state: our posted receives are flushed, so our side reports
+    // it at once; the standby stops hearing from us and must end the session.
+    p.closer.rdma().unwrap().force_qp_error().unwrap();
+    let err =
+        p.r.next_message(&mut |_| Err("no error reported".into()))
+            .expect_err("a flushed queue pair is an error");
+    let err = error_chain(&err);
+    assert!(err.contains("error state"), "primary side: {err}");
+    let (sb, s) = h.join().unwrap();
+    let e = s.result.expect_err("the standby must end the session");
+    let serr = error_chain(&e);
+    eprintln!("primary side: {err}\nstandby side: {serr} ({e:?})");
+    assert!(
+        serr.contains("Nothing heard from the primary") || serr.contains("RDMA"),
+        "standby side: {serr} ({e:?})"
+    );
+    assert_eq!(backup_hash(&sb), before, "the last good checkpoint changed");
+    drop(p);
+    // And a good primary afterwards.
+    let h = serve(sb);
+    let mut p = connect(addr);
+    assert_eq!(handshake(&mut p, SECRET, layout()), 2);
+    good_epoch(
+        &mut p,
+        3,
+        EpochKind::Checkpoint,
+        &[(0x5000, 0x55)],
+        b"state-3",
+    );
+    p.w.send(&Message::Goodbye { last_epoch: 3 }).unwrap();
+    drop(p);
+    let (sb, s) = h.join().unwrap();
+    s.result.expect("good session after the fault");
+    assert_eq!(sb.backup().unwrap().checkpoint, Some(3));
 }

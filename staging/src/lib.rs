@@ -318,6 +318,15 @@ impl SlotRing {
         }
     }
 
+    /// Slot `index`, if it is free (the standby takes the slot the primary wrote into).
+    pub fn try_acquire_index(&self, index: usize) -> Option<Slot> {
+        let mut free = self.inner.free.lock();
+        let pos = free.iter().position(|&i| i == index)?;
+        free.swap_remove(pos);
+        drop(free);
+        Some(self.slot(index))
+    }
+
     /// Slots currently free.
     pub fn free_count(&self) -> usize {
         self.inner.free.lock().len()
@@ -359,6 +368,11 @@ impl Slot {
         self.index
     }
 
+    /// The sizes of the slot.
+    pub fn layout(&self) -> SlotLayout {
+        self.ring.region.layout
+    }
+
     /// Pages currently held.
     pub fn pages(&self) -> usize {
         self.pages
@@ -376,12 +390,10 @@ impl Slot {
 
     fn bytes(&self, off: usize, len: usize) -> &[u8] {
         debug_assert!(off + len <= self.ring.region.layout.slot_size());
-        // SAFETY: `off + len` lies within this slot (checked by the callers' layout math), the
-        // region outlives `self` (we hold an Arc to its ring), and no one else accesses this
-        // slot while we own it.
-        unsafe {
-            std::slice::from_raw_parts(self.ring.region.as_ptr().add(self.offset() + off), len)
-        }
+        let base = self.ring.region.as_ptr();
+        // SAFETY: `off + len` is within this slot (layout math); the region outlives `self` (Arc
+        // to its ring); nothing else writes the slot while we own it (RDMA: see rmc_transport).
+        unsafe { std::slice::from_raw_parts(base.add(self.offset() + off), len) }
     }
 
     fn bytes_mut(&mut self, off: usize, len: usize) -> &mut [u8] {

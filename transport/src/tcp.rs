@@ -181,6 +181,33 @@ impl<W: Write> FrameWriter<W> {
         }
     }
 
+    /// The stream written to.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    /// Sends the control part of an epoch whose body was already placed in the peer's slot
+    /// `slot` (RDMA): header, `BodyPlaced` and commit, as one write.
+    pub fn send_placed(
+        &mut self,
+        header: &EpochHeader,
+        slot: u32,
+        len: u64,
+        commit: &Message,
+    ) -> Result<(), LinkError> {
+        self.scratch.clear();
+        wire::encode(&Message::EpochHeader(*header), &mut self.scratch);
+        wire::encode(&Message::BodyPlaced { slot, len }, &mut self.scratch);
+        wire::encode(commit, &mut self.scratch);
+        self.inner
+            .write_all(&self.scratch)
+            .and_then(|()| self.inner.flush())
+            .map_err(|source| LinkError::Io {
+                what: "sending an epoch's commit",
+                source,
+            })
+    }
+
     /// Sends one control message.
     pub fn send(&mut self, msg: &Message) -> Result<(), LinkError> {
         self.scratch.clear();
@@ -218,19 +245,23 @@ impl<W: Write> FrameWriter<W> {
                 .map(|p| IoSlice::new(p)),
         );
         slices.push(IoSlice::new(tail));
-        write_all_vectored(&mut self.inner, &mut slices).map_err(|source| LinkError::Io {
-            what: "sending an epoch",
-            source,
-        })
+        write_all_vectored(&mut self.inner, &mut slices)
+            .and_then(|()| self.inner.flush())
+            .map_err(|source| LinkError::Io {
+                what: "sending an epoch",
+                source,
+            })
     }
 
     /// Writes raw bytes (pieces of an epoch sent in parts).
     pub fn send_raw(&mut self, parts: &[&[u8]]) -> Result<(), LinkError> {
         let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-        write_all_vectored(&mut self.inner, &mut slices).map_err(|source| LinkError::Io {
-            what: "sending an epoch",
-            source,
-        })
+        write_all_vectored(&mut self.inner, &mut slices)
+            .and_then(|()| self.inner.flush())
+            .map_err(|source| LinkError::Io {
+                what: "sending an epoch",
+                source,
+            })
     }
 }
 

@@ -63,7 +63,21 @@
 //! Ack         epoch u64                                                           (8)
 //! Heartbeat   seq u64                                                             (8)
 //! Goodbye     last_epoch u64                                                      (8)
+//! RegionKey   addr u64 | len u64 | slot_stride u64 | rkey u32 | 4 zero bytes       (32)
+//! BodyPlaced  slot u32 | 4 zero bytes | len u64                                   (16)
 //! ```
+//!
+//! ## Over RDMA
+//!
+//! The same frames travel as a byte stream of RDMA SENDs (see `rdma`), with two differences.
+//! After `Accept` the standby sends `RegionKey`: the address, length, slot stride and rkey of
+//! its staging region, the only memory it exposes to remote writes. An epoch's body is then
+//! not streamed: the primary RDMA-WRITEs the index, pages and state from its slot `i` into the
+//! standby's slot `i` and sends `BodyPlaced(i, len)` where `EpochBody` would go, followed by
+//! `Commit` on the same queue pair, so RC ordering makes the data visible before the standby
+//! reads either message. Slot `i` of the primary is reused only after the epoch that used it
+//! was acknowledged, which is after the standby applied it, so the standby's slot `i` is free
+//! whenever the primary writes into it (the standby still checks, and refuses otherwise).
 
 /// Bytes in a frame header: `type u8 | reserved [u8; 7] (zero) | len u64 LE`.
 pub const FRAME_HEADER_LEN: usize = 16;
@@ -105,6 +119,12 @@ pub enum MsgType {
     Heartbeat = 10,
     /// primary -> standby: protection ends on purpose (not a failure: no failover).
     Goodbye = 11,
+    /// standby -> primary, RDMA only, right after `Accept`: where the primary may RDMA-write
+    /// epoch bodies (the standby's staging slots, and nothing else).
+    RegionKey = 12,
+    /// primary -> standby, RDMA only, in place of `EpochBody`: the body of the announced epoch
+    /// has been RDMA-written into this staging slot of the standby.
+    BodyPlaced = 13,
 }
 
 /// Kind of epoch.
@@ -208,6 +228,29 @@ pub enum Message {
         /// The last epoch the primary sent.
         last_epoch: u64,
     },
+    /// See [`MsgType::RegionKey`]. Payload: addr u64 | len u64 | slot_stride u64 | rkey u32 |
+    /// 4 zero bytes.
+    RegionKey(RegionKey),
+    /// See [`MsgType::BodyPlaced`]. Payload: slot u32 | 4 zero bytes | len u64.
+    BodyPlaced {
+        /// The standby's slot the body was written into.
+        slot: u32,
+        /// Bytes of the body (index, pages, state), as an `EpochBody` frame would carry.
+        len: u64,
+    },
+}
+
+/// The standby's staging region as the primary's RDMA WRITEs address it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionKey {
+    /// Virtual address of the region in the standby.
+    pub addr: u64,
+    /// Its length in bytes.
+    pub len: u64,
+    /// Bytes from one slot to the next (slot `i` starts at `addr + i x slot_stride`).
+    pub slot_stride: u64,
+    /// Remote key of its memory registration.
+    pub rkey: u32,
 }
 
 /// A decoded frame header.
@@ -310,6 +353,8 @@ impl MsgType {
             9 => MsgType::Ack,
             10 => MsgType::Heartbeat,
             11 => MsgType::Goodbye,
+            12 => MsgType::RegionKey,
+            13 => MsgType::BodyPlaced,
             other => return Err(WireError::UnknownType(other)),
         })
     }
@@ -390,6 +435,20 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
         Message::Goodbye { last_epoch } => {
             out.extend_from_slice(&last_epoch.to_le_bytes());
             MsgType::Goodbye
+        }
+        Message::RegionKey(k) => {
+            for v in [k.addr, k.len, k.slot_stride] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&k.rkey.to_le_bytes());
+            out.extend_from_slice(&[0; 4]);
+            MsgType::RegionKey
+        }
+        Message::BodyPlaced { slot, len } => {
+            out.extend_from_slice(&slot.to_le_bytes());
+            out.extend_from_slice(&[0; 4]);
+            out.extend_from_slice(&len.to_le_bytes());
+            MsgType::BodyPlaced
         }
     };
     let len = (out.len() - start - FRAME_HEADER_LEN) as u64;
@@ -584,6 +643,27 @@ pub fn decode(ty: MsgType, payload: &[u8]) -> Result<Message, WireError> {
             Message::Goodbye {
                 last_epoch: c.u64(),
             }
+        }
+        MsgType::RegionKey => {
+            c.exact(32)?;
+            let (addr, len, slot_stride, rkey) = (c.u64(), c.u64(), c.u64(), c.u32());
+            if c.take(4) != [0; 4] {
+                return Err(WireError::Reserved);
+            }
+            Message::RegionKey(RegionKey {
+                addr,
+                len,
+                slot_stride,
+                rkey,
+            })
+        }
+        MsgType::BodyPlaced => {
+            c.exact(16)?;
+            let slot = c.u32();
+            if c.take(4) != [0; 4] {
+                return Err(WireError::Reserved);
+            }
+            Message::BodyPlaced { slot, len: c.u64() }
         }
     })
 }
@@ -841,6 +921,16 @@ mod tests {
             Message::Ack { epoch: 9 },
             Message::Heartbeat { seq: u64::MAX },
             Message::Goodbye { last_epoch: 12 },
+            Message::RegionKey(RegionKey {
+                addr: 0x7f00_1234_5000,
+                len: 3 << 20,
+                slot_stride: 1 << 20,
+                rkey: 0xabcd_0123,
+            }),
+            Message::BodyPlaced {
+                slot: 1,
+                len: 300 * 4104 + 8000,
+            },
         ]
     }
 

@@ -17,7 +17,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use rmc_mc::primary::{Primary, PrimaryConfig};
 use rmc_mc::standby::{Standby, StandbyConfig};
@@ -48,8 +48,17 @@ pub enum DirtySource {
 pub enum Transport {
     /// TCP.
     Tcp,
-    /// RDMA (not built yet).
+    /// RDMA (verbs + rdma_cm), to the first usable RDMA port's address.
     Rdma,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp => "tcp",
+            Transport::Rdma => "rdma",
+        })
+    }
 }
 
 /// Settings of a sweep.
@@ -71,6 +80,8 @@ pub struct BenchConfig {
     pub source: DirtySource,
     /// A running `rmc standby` to use (address, shared secret) instead of one in this process.
     pub standby: Option<(std::net::SocketAddr, Vec<u8>)>,
+    /// Heartbeats of the primary and the in-process standby.
+    pub heartbeat: rmc_mc::core::Heartbeat,
 }
 
 /// Percentiles of one phase, microseconds.
@@ -181,21 +192,24 @@ const SECRET: &[u8] = b"rmc bench in-process secret";
 pub fn run(c: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let total = c.transports.len() * c.vcpus.len() * c.epoch_ms.len() * c.dirty_pages.len();
-    for &t in &c.transports {
-        if t == Transport::Rdma {
-            bail!("The RDMA transport is not built yet (it is the next transport issue); use --transport tcp");
+    // Refuse an unusable transport before booting anything.
+    if c.standby.is_none() {
+        for &t in &c.transports {
+            local_addr(t)?;
         }
+    }
+    for &t in &c.transports {
         for &v in &c.vcpus {
             for &e in &c.epoch_ms {
                 for &n in &c.dirty_pages {
                     progress(&format!(
-                        "[{}/{total}] {t:?}, {v} vCPU(s), epoch {}, {n} dirty pages: full sync, then {:.1} s protected",
+                        "[{}/{total}] {t}, {v} vCPU(s), epoch {}, {n} dirty pages: full sync, then {:.1} s protected",
                         rows.len() + 1,
                         if e > 0.0 { format!("{e} ms") } else { "on count".into() },
                         c.seconds
                     ));
                     rows.push(row(c, t, v, e, n).with_context(|| {
-                        format!("{t:?}, {v} vCPU(s), epoch {e} ms, {n} dirty pages")
+                        format!("{t}, {v} vCPU(s), epoch {e} ms, {n} dirty pages")
                     })?);
                 }
             }
@@ -240,12 +254,13 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
     let (addr, secret, standby) = match &c.standby {
         Some((addr, secret)) => (*addr, secret.clone(), None),
         None => {
-            let mut sb = Standby::bind(
-                "127.0.0.1:0".parse().expect("valid"),
+            let (mut sb, _) = Standby::bind_with(
+                local_addr(transport)?,
+                link_transport(transport),
                 StandbyConfig {
                     secret: SECRET.to_vec(),
                     memory_bytes: Some(c.mem_size),
-                    heartbeat: Default::default(),
+                    heartbeat: c.heartbeat,
                 },
             )
             .context("Cannot start the in-process standby")?;
@@ -258,6 +273,8 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
         }
     };
     let mut pc = PrimaryConfig::new(addr, secret, c.mem_size / 4096);
+    pc.transport = link_transport(transport);
+    pc.heartbeat = c.heartbeat;
     pc.slot_pages = pc.slot_pages.max(2 * n as usize + 64);
     pc.max_dirty_pages = n as usize;
     pc.epoch_interval = if epoch_ms > 0.0 {
@@ -357,7 +374,11 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
     };
     // Between the same endpoints: this host to the standby's host (loopback when in-process;
     // the raw stream then goes to a sink on this host, the best the local stack can do).
-    let raw_bytes_per_s = raw_tcp(epoch_bytes.max(4096.0) as usize, Duration::from_millis(500))?;
+    let chunk = epoch_bytes.max(4096.0) as usize;
+    let raw_bytes_per_s = match transport {
+        Transport::Tcp => raw_tcp(chunk, Duration::from_millis(500))?,
+        Transport::Rdma => raw_rdma(chunk, Duration::from_millis(500))?,
+    };
     let phases: BTreeMap<String, Percentiles> = [
         ("stop", &stats.stop_us),
         ("harvest", &stats.harvest_us),
@@ -431,6 +452,69 @@ fn memcpy_floor(vm: &Vm, ws: &[u64], n: u64, vcpus: u32) -> Result<f64> {
         t.push(start.elapsed().as_secs_f64() * 1e6);
     }
     Ok(median(&mut t))
+}
+
+fn link_transport(t: Transport) -> rmc_transport::link::Transport {
+    match t {
+        Transport::Tcp => rmc_transport::link::Transport::Tcp,
+        Transport::Rdma => rmc_transport::link::Transport::Rdma,
+    }
+}
+
+/// Where the in-process standby listens: loopback for TCP, the first usable RDMA port's
+/// address for RDMA.
+fn local_addr(t: Transport) -> Result<std::net::SocketAddr> {
+    Ok(match t {
+        Transport::Tcp => "127.0.0.1:0".parse().expect("valid"),
+        Transport::Rdma => std::net::SocketAddr::new(
+            rmc_transport::link::first_rdma_ip().context(
+                "--transport rdma: no usable RDMA port with an IP address (see `rmc devices`)",
+            )?,
+            0,
+        ),
+    })
+}
+
+/// Bytes per second of plain RDMA WRITEs of `chunk` bytes (rounded up to pages), back to back
+/// into a registered region of a peer in this process over the first usable RDMA port, for
+/// `d`: the RDMA counterpart of [`raw_tcp`] (what the link does without the protocol).
+pub fn raw_rdma(chunk: usize, d: Duration) -> Result<f64> {
+    use rmc_transport::rdma;
+    let layout = rmc_staging::SlotLayout {
+        slot_pages: chunk.div_ceil(4096).max(1),
+        max_state: 0,
+    };
+    let listener = rdma::Listener::bind(local_addr(Transport::Rdma)?)?;
+    let addr = listener.local_addr();
+    let (key_tx, key_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let sink = std::thread::spawn(move || -> Result<()> {
+        let conn = listener.accept()?;
+        let (_rx, mut tx, _closer) = conn.split(Duration::from_secs(1), Duration::from_secs(10));
+        let ring = rmc_staging::SlotRing::new(layout, 2)?;
+        key_tx.send(tx.expose(&ring)?).ok();
+        let _ = done_rx.recv();
+        Ok(())
+    });
+    let conn = rdma::Connection::connect(addr, Duration::from_secs(10))?;
+    let (_rx, mut tx, _closer) = conn.split(Duration::from_secs(1), Duration::from_secs(10));
+    let key = key_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("the RDMA sink did not register its region")?;
+    let ring = rmc_staging::SlotRing::new(layout, 2)?;
+    tx.enable_placement(&ring, key)?;
+    let mut slot = ring.try_acquire().context("a free slot")?;
+    slot.receive_areas(layout.slot_pages, 0)?;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < d {
+        sent += tx.place(&slot, false)?;
+    }
+    tx.drain()?;
+    let secs = start.elapsed().as_secs_f64();
+    drop(done_tx);
+    sink.join().expect("sink thread")?;
+    Ok(sent as f64 / secs)
 }
 
 /// Bytes per second of a plain TCP stream of `chunk`-byte writes over loopback for `d`.

@@ -22,6 +22,12 @@ pub struct DemoConfig {
     pub memory: String,
     /// Keep the client going this long after the kill.
     pub after: Duration,
+    /// Transport between primary and standby ("tcp", "rdma" or "auto").
+    pub transport: String,
+    /// Address the standby listens on.
+    pub standby_ip: std::net::IpAddr,
+    /// Heartbeat options passed to both processes.
+    pub heartbeat: Vec<String>,
 }
 
 /// What one trial saw.
@@ -57,14 +63,24 @@ fn spawn(
     let mut child = Command::new(exe)
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("Cannot start {name}"))?;
     let out = child.stdout.take().expect("piped");
+    let err = child.stderr.take().expect("piped");
     let (tx, rx) = mpsc::channel();
+    let tx2 = tx.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Errors (the processes run with --log error) join stdout, so a failed trial can show them.
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx2.send(line).is_err() {
                 break;
             }
         }
@@ -121,13 +137,16 @@ fn trial(
     let verbose = index == 0;
     let secret_s = secret.display().to_string();
     let service = free_udp_port()?;
+    let listen = SocketAddr::new(c.standby_ip, 0).to_string();
     let (_standby, standby_out) = spawn(
         exe,
         "the standby",
         &[
             "standby",
             "--listen",
-            "127.0.0.1:0",
+            &listen,
+            "--transport",
+            &c.transport,
             "--secret-file",
             &secret_s,
             "--sessions",
@@ -137,16 +156,19 @@ fn trial(
             "--log",
             "error",
         ]
-        .map(String::from),
+        .map(String::from)
+        .into_iter()
+        .chain(c.heartbeat.iter().cloned())
+        .collect::<Vec<_>>(),
     )?;
-    let standby_addr = wait_for(
-        &standby_out,
-        "rmc: standby listening on tcp ",
-        "the standby",
-    )?;
+    // "<transport> <address> (<why>)"
+    let line = wait_for(&standby_out, "rmc: standby listening on ", "the standby")?;
+    let mut words = line.split_whitespace();
+    let transport = words.next().unwrap_or_default().to_string();
+    let standby_addr = words.next().unwrap_or_default().to_string();
     if verbose {
         say(&format!(
-            "standby listening on tcp {standby_addr}; it takes over udp {service} on failover"
+            "standby listening on {transport} {standby_addr}; it takes over udp {service} on failover"
         ));
     }
     let (mut primary, primary_out) = spawn(
@@ -156,6 +178,8 @@ fn trial(
             "primary",
             "--standby",
             &standby_addr,
+            "--transport",
+            &transport,
             "--secret-file",
             &secret_s,
             "--listen",
@@ -167,11 +191,14 @@ fn trial(
             "--log",
             "error",
         ]
-        .map(String::from),
+        .map(String::from)
+        .into_iter()
+        .chain(c.heartbeat.iter().cloned())
+        .collect::<Vec<_>>(),
     )?;
     wait_for(
         &primary_out,
-        "rmc: protected by the standby at ",
+        "rmc: first checkpoint acknowledged",
         "the primary",
     )?;
     if verbose {
@@ -226,6 +253,12 @@ fn trial(
         std::thread::sleep(c.after);
         stop.store(true, Ordering::Release);
         h.join().expect("client thread")
+    });
+    let client = client.map_err(|e| {
+        // Say what the standby had to say (its failover line, or why there was none).
+        let lines: Vec<String> = standby_out.try_iter().collect();
+        let tail = lines[lines.len().saturating_sub(8)..].join("\n    ");
+        e.context(format!("the standby printed:\n    {tail}"))
     })?;
     let (sent, replies, retries, failover) = client;
     let failover = failover.context("the client got no reply after the primary was killed")?;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use rmc_transport::link::Transport;
 use rmc_vmm::service::{Checker, Client};
 use rmc_vmm::{DirtierConfig, Vm, VmConfig, Workload};
 use tracing::info;
@@ -73,6 +74,11 @@ struct PrimaryArgs {
     /// The standby's address (`rmc standby --listen`).
     #[arg(long)]
     standby: SocketAddr,
+    /// Transport to the standby: `rdma` (verbs + rdma_cm: RoCE, InfiniBand, Soft-RoCE), `tcp`,
+    /// or `auto`: RDMA when an RDMA device and route reach the standby and it accepts RDMA,
+    /// TCP otherwise (the choice and the reason are printed).
+    #[arg(long, default_value = "auto")]
+    transport: Transport,
     #[command(flatten)]
     secret: SecretArgs,
     /// Milliseconds between checkpoints.
@@ -121,9 +127,14 @@ enum StandbyLoss {
 
 #[derive(Parser, Debug)]
 struct StandbyArgs {
-    /// TCP address to listen on for the primary.
+    /// Address to listen on for the primary (for RDMA: an address of an RDMA device's port,
+    /// see `rmc devices`).
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// Transport: `rdma`, `tcp`, or `auto`: RDMA when a usable RDMA device has the listen
+    /// address (any usable device for 0.0.0.0), TCP otherwise (the choice is printed).
+    #[arg(long, default_value = "auto")]
+    transport: Transport,
     #[command(flatten)]
     secret: SecretArgs,
     /// Accept only primaries whose guest has this much memory (e.g. 256M). Default: whatever
@@ -167,6 +178,16 @@ struct DemoArgs {
     /// Seconds the client keeps going after the kill.
     #[arg(long, default_value_t = 2.0)]
     after: f64,
+    /// Transport between primary and standby: `tcp`, `rdma` or `auto`.
+    #[arg(long, default_value = "tcp")]
+    transport: Transport,
+    /// Address the standby listens on (default: 127.0.0.1, or with `--transport rdma` the
+    /// address of the first usable RDMA port).
+    #[arg(long)]
+    standby_ip: Option<std::net::IpAddr>,
+    /// Heartbeats of primary and standby (raise them on a software-emulated machine).
+    #[command(flatten)]
+    heartbeat: HeartbeatArgs,
 }
 
 #[derive(Parser, Debug)]
@@ -182,7 +203,8 @@ struct BenchArgs {
     /// epoch at an even rate.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     epoch_ms: Vec<f64>,
-    /// Transports, comma separated (`tcp`; `rdma` once that transport exists).
+    /// Transports, comma separated: `tcp` (loopback) and/or `rdma` (to the first usable RDMA
+    /// port's address; see `rmc devices`).
     #[arg(long, value_delimiter = ',', default_value = "tcp")]
     transport: Vec<TransportArg>,
     /// Guest vCPU counts, comma separated; each vCPU dirties N / vcpus pages.
@@ -209,13 +231,16 @@ struct BenchArgs {
     /// Shared secret file for --standby.
     #[arg(long)]
     secret_file: Option<std::path::PathBuf>,
+    /// Heartbeats (raise them on a software-emulated machine such as the Soft-RoCE VM).
+    #[command(flatten)]
+    heartbeat: HeartbeatArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum TransportArg {
     /// TCP.
     Tcp,
-    /// RDMA (not built yet).
+    /// RDMA.
     Rdma,
 }
 
@@ -495,6 +520,7 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
     let secret = a.secret.read()?;
     let (vm, _) = start_vm(&a.vm)?;
     let mut config = PrimaryConfig::new(a.standby, secret, a.vm.memory / 4096);
+    config.transport = a.transport;
     config.epoch_interval = Duration::from_secs_f64(a.epoch_ms.max(0.1) / 1000.0);
     if let Some(p) = a.slot_pages {
         config.slot_pages = p.max(1);
@@ -541,8 +567,33 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
             vm.resume();
             paused = false;
         }
-        println!("rmc: protected by the standby at {}", a.standby);
-        match primary.run(&stop) {
+        println!(
+            "rmc: protected by the standby at {} over {}",
+            a.standby,
+            primary.transport()
+        );
+        // Tell when the standby first holds a consistent checkpoint (it can fail over from then
+        // on; before, it only has the full sync). `rmc demo` waits for this line.
+        let acked = primary.acked_counter();
+        let session_over = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let over = session_over.clone();
+            std::thread::spawn(move || {
+                while !over.load(std::sync::atomic::Ordering::Acquire) {
+                    if acked.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                        println!(
+                            "rmc: first checkpoint acknowledged: failover possible from now on"
+                        );
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        let result = primary.run(&stop);
+        session_over.store(true, std::sync::atomic::Ordering::Release);
+        let _ = watcher.join();
+        match result {
             Ok(stats) => {
                 if let Some(o) = vm.output_stats() {
                     println!(
@@ -599,9 +650,13 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
         memory_bytes: a.memory,
         heartbeat: a.heartbeat.get(),
     };
-    let mut sb = Standby::bind(a.listen, config)
-        .with_context(|| format!("Cannot listen on {}", a.listen))?;
-    println!("rmc: standby listening on tcp {}", sb.local_addr());
+    let (mut sb, why) = Standby::bind_with(a.listen, a.transport, config)
+        .with_context(|| format!("Cannot listen on {} ({})", a.listen, a.transport))?;
+    println!(
+        "rmc: standby listening on {} {} ({why})",
+        sb.transport(),
+        sb.local_addr()
+    );
     let mut served = 0;
     while a.sessions.is_none_or(|n| served < n) {
         let s = sb.serve_one()?;
@@ -650,6 +705,22 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     let c = rmc_vmm::demo::DemoConfig {
         memory: a.memory,
         after: Duration::from_secs_f64(a.after.max(0.2)),
+        transport: a.transport.to_string(),
+        heartbeat: vec![
+            "--heartbeat-ms".into(),
+            a.heartbeat.heartbeat_ms.to_string(),
+            "--heartbeat-misses".into(),
+            a.heartbeat.heartbeat_misses.to_string(),
+        ],
+        standby_ip: match (a.standby_ip, a.transport) {
+            (Some(ip), _) => ip,
+            (None, Transport::Rdma) => rmc_transport::link::first_rdma_ip().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--transport rdma: no usable RDMA port with an IP address (see `rmc devices`)"
+                )
+            })?,
+            (None, _) => std::net::Ipv4Addr::LOCALHOST.into(),
+        },
     };
     let trials = a.trials.max(1);
     let base = Duration::from_secs_f64(a.kill_after.max(0.1));
@@ -726,6 +797,7 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
             .collect(),
         vcpus: a.vcpus,
         seconds: a.seconds,
+        heartbeat: a.heartbeat.get(),
         standby: match (a.standby, &a.secret_file) {
             (Some(addr), Some(f)) => Some((
                 addr,
