@@ -20,4 +20,4 @@ test: deps
 	# The RDMA tests, inside a throwaway Soft-RoCE VM (see soft-roce/README.md): a missing RDMA
 	# device is a failure there, not a skip.
 	cargo build --bin rmc
-	soft-roce/run-in-vm.sh -- soft-roce/rdma-tests.sh $$(scripts/test-binaries.sh rmc bad_input replication)
+	soft-roce/run-in-vm.sh --cpus 1 -- soft-roce/rdma-tests.sh $$(scripts/test-binaries.sh rmc bad_input replication)

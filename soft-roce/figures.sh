@@ -28,7 +28,7 @@ perf() {   # perf NAME TOOL ARGS...: server and client of a perftest tool on rxe
 perf bw ib_write_bw -s "$size" -n 100
 perf lat ib_write_lat -s "$size" -n 50
 
-timeout 1200 "$rmc" --log warn bench --memory 256M --dirty-source host --dirty-pages 1000,10000 \
+timeout 1200 "$rmc" --log warn bench --memory 128M --dirty-source host --dirty-pages 1000,10000 \
     --epoch-ms 0 --transport tcp,rdma --seconds 5 --heartbeat-ms 200 --heartbeat-misses 25 \
     --json >"$out/bench.json" || fail "rmc bench"
 

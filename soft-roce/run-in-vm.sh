@@ -54,6 +54,8 @@ ip link set veth1 up
 rdma link add rxe0 type rxe netdev veth0
 for i in \$(seq 50); do grep -q ACTIVE /sys/class/infiniband/rxe0/ports/1/state && break; sleep 0.1; done
 ulimit -l unlimited
+# Proof of life for the freeze watchdog outside.
+( n=0; while :; do n=\$((n + 1)); echo \$n >$work/alive; sleep 5; done ) </dev/null >/dev/null 2>&1 &
 cd "$PWD"
 set +e
 bash -c "\$(cat $work/cmd)"
@@ -63,7 +65,32 @@ chmod +x "$work/inner.sh"
 echo "run-in-vm.sh: booting $kernel under TCG with Soft-RoCE ($memory, $cpus CPUs)..." >&2
 # Through a pipe: virtme-ng reopens /dev/stdout, which would truncate a log file that our
 # stdout points at (losing everything written before); on a pipe that is harmless.
-vng -r "$kernel" --disable-kvm --user root --memory "$memory" --cpus "$cpus" \
+# RMC_VM_CONSOLE=1 shows the guest kernel's console (boot, oopses, lockup reports) as well.
+verbose=()
+extra=()
+[ -n "${RMC_VM_APPEND:-}" ] && extra=(--append "$RMC_VM_APPEND")
+[ "${RMC_VM_CONSOLE:-0}" = 1 ] && verbose=(--verbose --append "loglevel=6")
+# Watchdog: emulated nested virtualization has been seen to freeze the whole VM (its clock
+# stops, QEMU spins); if the VM shows no sign of life for 180 s, stop it and say so.
+(
+    seen="" since=$(date +%s)
+    while sleep 10; do
+        [ -e "$work/rc" ] && exit 0
+        now=$(cat "$work/alive" 2>/dev/null || true)
+        if [ "$now" != "$seen" ]; then
+            seen=$now since=$(date +%s)
+        elif [ -n "$seen" ] && [ $(($(date +%s) - since)) -gt 180 ]; then
+            touch "$work/frozen"
+            # QEMU's command line names the script base64-encoded (virtme.exec=...).
+            pkill -f -- "$(printf %s "$work/inner.sh" | base64 -w0)" || true
+            exit 0
+        fi
+    done
+) &
+watchdog=$!
+vng -r "$kernel" --disable-kvm --user root --memory "$memory" --cpus "$cpus" "${verbose[@]}" "${extra[@]}" \
     --qemu-opts='-cpu max' --rwdir "$PWD" --exec "$work/inner.sh" 2>&1 | cat || true
+kill "$watchdog" 2>/dev/null || true
+[ -e "$work/frozen" ] && die "the VM froze (no sign of life for 180 s; emulated nested virtualization) and was stopped"
 [ -f "$work/rc" ] || die "the command did not run (the VM failed to boot or the setup failed)"
 exit "$(cat "$work/rc")"
