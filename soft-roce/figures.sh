@@ -2,8 +2,10 @@
 # RDMA figures, all in one boot of the Soft-RoCE VM (software-emulated: only the ratios mean
 # anything). Run as:
 #
-#   soft-roce/run-in-vm.sh -- soft-roce/figures.sh target/release/rmc
+#   soft-roce/run-in-vm.sh --cpus 1 -- soft-roce/figures.sh target/release/rmc
 #
+# Raw outputs and the summary go to docs/rdma-figures/ (FIGURES_OUT to change; the VM's own
+# /tmp does not survive it).
 # 1. ib_write_bw (perftest, rdma_cm) on rxe0 with messages of an epoch's size, against
 #    rmc's raw RDMA WRITE stream and its checkpoint transmit rate (rmc bench, host dirtier);
 # 2. ib_write_lat with a 1,000-page epoch's size, beside rmc's write + commit-to-ack of a
@@ -11,7 +13,7 @@
 # 3. RDMA against TCP in this VM (rmc bench --transport tcp,rdma).
 set -uo pipefail
 rmc=${1:?usage: figures.sh PATH/TO/rmc}
-out=${FIGURES_OUT:-/tmp/figures}
+out=${FIGURES_OUT:-$PWD/docs/rdma-figures}
 mkdir -p "$out"
 fail() { echo "figures: FAILED: $*" >&2; exit 1; }
 size=$((1000 * 4104))   # 1,000 pages with their index entries
@@ -32,7 +34,7 @@ timeout 1200 "$rmc" --log warn bench --memory 128M --dirty-source host --dirty-p
     --epoch-ms 0 --transport tcp,rdma --seconds 5 --heartbeat-ms 200 --heartbeat-misses 25 \
     --json >"$out/bench.json" || fail "rmc bench"
 
-python3 - "$out" "$size" <<'PY'
+python3 - "$out" "$size" <<'PY' | tee "$out/summary.txt"
 import json, re, sys
 out, size = sys.argv[1], int(sys.argv[2])
 def last_row(path, cols):
