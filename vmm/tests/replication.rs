@@ -360,6 +360,9 @@ fn rdma_failover_trials_in_process() {
             while last.is_none() || Instant::now() < until {
                 last = Some(client.request(T, |_| {}).unwrap().0);
             }
+            // Replies come slowly under emulation (one per acknowledged checkpoint), so also
+            // let a varying part of the next epoch pass before the cut.
+            std::thread::sleep(Duration::from_millis(97 * trial % 450));
             kill.close();
             let r = run.join().unwrap();
             assert!(r.is_err(), "the primary must see its link cut");
@@ -403,7 +406,8 @@ fn rdma_failover_trials_in_process() {
             "trial {trial}: the dirtier goes on"
         );
         eprintln!(
-            "trial {trial}: cut after {} checkpoints; standby: {err}; VM on the backup of epoch {epoch} answered seq {} identically and continued",
+            "trial {trial}: cut {} ms after a reply, {} checkpoints acknowledged; standby: {err}; VM on the backup of epoch {epoch} answered seq {} identically and continued",
+            97 * trial % 450,
             acked.load(Ordering::Relaxed),
             last.seq
         );
