@@ -508,9 +508,10 @@ impl Shared {
 
     /// The queue pair's current state.
     fn qp_state(&self) -> io::Result<ibv_qp_state::Type> {
-        // SAFETY: all-zero is a valid ibv_qp_attr / ibv_qp_init_attr to be filled in.
-        let (mut attr, mut init): (ibv_qp_attr, ibv_qp_init_attr) =
-            unsafe { (mem::zeroed(), mem::zeroed()) };
+        // SAFETY: all-zero is a valid ibv_qp_attr to be filled in.
+        let mut attr: ibv_qp_attr = unsafe { mem::zeroed() };
+        // SAFETY: all-zero is a valid ibv_qp_init_attr to be filled in.
+        let mut init: ibv_qp_init_attr = unsafe { mem::zeroed() };
         // SAFETY: the QP is live; both out-structs are valid for the call.
         let rc = unsafe {
             ibv_query_qp(

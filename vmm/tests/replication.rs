@@ -76,8 +76,15 @@ fn replicates_with_the_guest_busy_then_backup_equals_primary_and_runs() {
     replicate(transport, 200, 0, hb, deadline);
 }
 
-fn replicate(transport: Transport, min_epochs: u64, limit: u64, hb: Heartbeat, deadline: Duration) {
-    init_logs();
+/// A standby for a 64 MiB guest on `transport` (loopback for TCP, the first RDMA port's
+/// address for RDMA), serving one session on a thread that returns it and the session.
+fn spawn_standby(
+    transport: Transport,
+    hb: Heartbeat,
+) -> (
+    std::net::SocketAddr,
+    std::thread::JoinHandle<(Standby, rmc_mc::standby::Session)>,
+) {
     let listen = match transport {
         Transport::Rdma => std::net::SocketAddr::new(
             first_rdma_ip().expect("no usable RDMA port with an IP address"),
@@ -95,11 +102,17 @@ fn replicate(transport: Transport, min_epochs: u64, limit: u64, hb: Heartbeat, d
         },
     )
     .unwrap();
-    let standby_addr = sb.local_addr();
-    let standby = std::thread::spawn(move || {
+    let addr = sb.local_addr();
+    let handle = std::thread::spawn(move || {
         let session = sb.serve_one().unwrap();
         (sb, session)
     });
+    (addr, handle)
+}
+
+fn replicate(transport: Transport, min_epochs: u64, limit: u64, hb: Heartbeat, deadline: Duration) {
+    init_logs();
+    let (standby_addr, standby) = spawn_standby(transport, hb);
 
     let cfg = VmConfig {
         mem_size: 64 << 20,
@@ -299,23 +312,8 @@ fn rdma_failover_trials_in_process() {
         interval: Duration::from_millis(200),
         timeout: Duration::from_secs(5),
     };
-    let ip = first_rdma_ip().expect("no usable RDMA port with an IP address");
     for trial in 0..10u64 {
-        let (mut sb, _) = Standby::bind_with(
-            std::net::SocketAddr::new(ip, 0),
-            Transport::Rdma,
-            StandbyConfig {
-                secret: SECRET.to_vec(),
-                memory_bytes: Some(64 << 20),
-                heartbeat: hb,
-            },
-        )
-        .unwrap();
-        let addr = sb.local_addr();
-        let standby = std::thread::spawn(move || {
-            let s = sb.serve_one().unwrap();
-            (sb, s)
-        });
+        let (addr, standby) = spawn_standby(Transport::Rdma, hb);
         let cfg = VmConfig {
             mem_size: 64 << 20,
             workloads: vec![
