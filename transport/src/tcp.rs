@@ -199,26 +199,22 @@ impl<W: Write> FrameWriter<W> {
         wire::encode(&Message::EpochHeader(*header), &mut self.scratch);
         wire::encode(&Message::BodyPlaced { slot, len }, &mut self.scratch);
         wire::encode(commit, &mut self.scratch);
-        self.inner
-            .write_all(&self.scratch)
-            .and_then(|()| self.inner.flush())
-            .map_err(|source| LinkError::Io {
-                what: "sending an epoch's commit",
-                source,
-            })
+        self.write_scratch("sending an epoch's commit")
     }
 
     /// Sends one control message.
     pub fn send(&mut self, msg: &Message) -> Result<(), LinkError> {
         self.scratch.clear();
         wire::encode(msg, &mut self.scratch);
+        self.write_scratch("sending a message")
+    }
+
+    /// Writes and flushes what was encoded into `scratch`.
+    fn write_scratch(&mut self, what: &'static str) -> Result<(), LinkError> {
         self.inner
             .write_all(&self.scratch)
             .and_then(|()| self.inner.flush())
-            .map_err(|source| LinkError::Io {
-                what: "sending a message",
-                source,
-            })
+            .map_err(|source| LinkError::Io { what, source })
     }
 
     /// Sends a whole epoch: header, body (the `parts`, in order: index, data, state) and
