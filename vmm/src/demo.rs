@@ -1,19 +1,20 @@
 //! `rmc demo`: the whole story on one machine. A standby and a primary (real `rmc` processes,
-//! TCP loopback) protect the counter guest; a client sends requests continuously and checks
-//! every reply; the primary is SIGKILLed; the standby takes over the service address; the
-//! client keeps going. With several trials the kill lands at a random moment each time.
+//! TCP loopback) protect the counter guest; clients send requests continuously and one checker
+//! checks every reply any of them receives (late ones included) against all the others; the
+//! primary is SIGKILLed; the standby takes over the service address; the clients keep going.
+//! With several trials the kill lands at a random moment each time.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::service::{Checker, Client, ClientError};
+use crate::service::{CheckSummary, Checker, Client, Reply, SharedChecker};
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -28,18 +29,22 @@ pub struct DemoConfig {
     pub standby_ip: std::net::IpAddr,
     /// Heartbeat options passed to both processes.
     pub heartbeat: Vec<String>,
+    /// Concurrent clients, all checked together.
+    pub clients: u32,
+    /// Further options for the primary (tests pass a fault to inject here).
+    pub primary_extra: Vec<String>,
 }
 
 /// What one trial saw.
 #[derive(Debug, Clone)]
 pub struct Trial {
-    /// Requests (distinct seqs) sent.
-    pub sent: u64,
-    /// Replies received (including answers to resends).
-    pub replies: u64,
-    /// Resends after a timeout.
-    pub retries: u64,
-    /// From SIGKILL to the first reply from the new primary.
+    /// What the clients' checker saw (requests, replies, resends, lost requests...).
+    pub check: CheckSummary,
+    /// Replies read after the clients' last requests were answered (late duplicates).
+    pub late: u64,
+    /// Replies that came from an address other than the service's.
+    pub from_elsewhere: u64,
+    /// From SIGKILL to the first reply any client received after it.
     pub failover: Duration,
     /// The standby's own line about the failover.
     pub standby_line: String,
@@ -100,10 +105,6 @@ fn wait_for(rx: &mpsc::Receiver<String>, prefix: &str, who: &str) -> Result<Stri
     }
 }
 
-fn free_udp_port() -> Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 /// Runs one trial in which the primary is killed `kill_after` into protection; `say` gets the
 /// lines of the story (first trial only).
 pub fn run_trial(
@@ -136,8 +137,9 @@ fn trial(
 ) -> Result<Trial> {
     let verbose = index == 0;
     let secret_s = secret.display().to_string();
-    let service = free_udp_port()?;
     let listen = SocketAddr::new(c.standby_ip, 0).to_string();
+    // Every address is bound by the process that uses it (port 0) and read back from its
+    // output: the standby fails over onto the address the primary's NIC served on.
     let (_standby, standby_out) = spawn(
         exe,
         "the standby",
@@ -152,7 +154,7 @@ fn trial(
             "--sessions",
             "1",
             "--service-addr",
-            &service.to_string(),
+            "primary",
             "--log",
             "error",
         ]
@@ -168,7 +170,7 @@ fn trial(
     let standby_addr = words.next().unwrap_or_default().to_string();
     if verbose {
         say(&format!(
-            "standby listening on {transport} {standby_addr}; it takes over udp {service} on failover"
+            "standby listening on {transport} {standby_addr}; on failover it takes over the primary's service address"
         ));
     }
     let (mut primary, primary_out) = spawn(
@@ -183,7 +185,7 @@ fn trial(
             "--secret-file",
             &secret_s,
             "--listen",
-            &service.to_string(),
+            "127.0.0.1:0",
             "--memory",
             &c.memory,
             "--workload",
@@ -194,8 +196,17 @@ fn trial(
         .map(String::from)
         .into_iter()
         .chain(c.heartbeat.iter().cloned())
+        .chain(c.primary_extra.iter().cloned())
         .collect::<Vec<_>>(),
     )?;
+    let service: SocketAddr = wait_for(
+        &primary_out,
+        "rmc: counter service listening on udp ",
+        "the primary",
+    )?
+    .trim()
+    .parse()
+    .context("the primary's service address")?;
     wait_for(
         &primary_out,
         "rmc: first checkpoint acknowledged",
@@ -206,69 +217,127 @@ fn trial(
             "primary running the counter guest ({} memory, dirtier at 10,000 pages/s), protected, service on udp {service}",
             c.memory
         ));
+        say(&format!(
+            "{} client(s) sending requests, every reply checked against all others",
+            c.clients.max(1)
+        ));
     }
 
-    // The client: one request at a time, each checked against every earlier reply.
-    let client_id = 0x00de_0000 + u64::from(index) + 1;
+    // The clients: each sends one request at a time; every reply any of them receives is
+    // checked against every earlier one, across clients.
+    let checker = Checker::shared(c.clients == 1);
     let stop = AtomicBool::new(false);
-    let (kill_tx, kill_rx) = mpsc::channel::<Instant>();
-    let client = std::thread::scope(|s| {
-        let stop = &stop;
-        let h = s.spawn(move || -> Result<(u64, u64, u64, Option<Duration>)> {
-            let mut client = Client::new(service, client_id)?;
-            client.retry_after = Duration::from_millis(20);
-            let mut checker = Checker::new(client_id, true);
-            let (mut sent, mut replies, mut retries) = (0u64, 0u64, 0u64);
-            let mut killed_at: Option<Instant> = None;
-            let mut failover = None;
-            while !stop.load(Ordering::Acquire) {
-                sent += 1;
-                checker.sent(sent);
-                let mut bad = None;
-                let r = client.request(Duration::from_secs(10), |reply| {
-                    replies += 1;
-                    if let Err(e) = checker.check(reply) {
-                        bad.get_or_insert(e);
-                    }
-                });
-                if let Some(e) = bad {
-                    bail!("INCONSISTENT reply: {e}");
-                }
-                let (_, resent) = r.map_err(|e: ClientError| anyhow::anyhow!(e))?;
-                retries += resent;
-                if killed_at.is_none() {
-                    killed_at = kill_rx.try_recv().ok();
-                } else if failover.is_none() {
-                    failover = killed_at.map(|k| k.elapsed());
-                }
-            }
-            Ok((sent, replies, retries, failover))
-        });
+    let killed_at = OnceLock::new();
+    let runs = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..c.clients.max(1))
+            .map(|k| {
+                let id = 0x00de_0000_0000 + (u64::from(index) << 16) + u64::from(k) + 1;
+                let (stop, checker, killed_at) = (&stop, &checker, &killed_at);
+                s.spawn(move || client_run(service, id, stop, checker, killed_at))
+            })
+            .collect();
         std::thread::sleep(kill_after);
         // SIGKILL: no goodbye, no flush, like a host that dies.
         let _ = primary.0.kill();
-        let killed = Instant::now();
-        let _ = kill_tx.send(killed);
+        let _ = killed_at.set(Instant::now());
         let _ = primary.0.wait();
         std::thread::sleep(c.after);
         stop.store(true, Ordering::Release);
-        h.join().expect("client thread")
+        clients
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect::<Vec<_>>()
     });
-    let client = client.map_err(|e| {
-        // Say what the standby had to say (its failover line, or why there was none).
+    let standby_tail = || {
         let lines: Vec<String> = standby_out.try_iter().collect();
-        let tail = lines[lines.len().saturating_sub(8)..].join("\n    ");
-        e.context(format!("the standby printed:\n    {tail}"))
-    })?;
-    let (sent, replies, retries, failover) = client;
-    let failover = failover.context("the client got no reply after the primary was killed")?;
+        lines[lines.len().saturating_sub(8)..].join("\n    ")
+    };
+    let checker = checker.lock();
+    let check = checker.summary();
+    if let Some(first) = checker.violations().first() {
+        bail!(
+            "INCONSISTENT: {} contradiction(s) among {} replies to {} client(s); the first: {first}\n  \
+             the standby printed:\n    {}",
+            check.violations,
+            check.replies,
+            check.clients,
+            standby_tail()
+        );
+    }
+    let mut late = 0;
+    let mut from_elsewhere = 0;
+    let mut failover: Option<Duration> = None;
+    for run in runs {
+        let run = run.with_context(|| format!("the standby printed:\n    {}", standby_tail()))?;
+        late += run.late;
+        from_elsewhere += run.from_elsewhere;
+        failover = match (failover, run.first_after_kill) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    if check.unanswered > 0 {
+        bail!("{} request(s) were never answered", check.unanswered);
+    }
+    let failover = failover.context("no client got a reply after the primary was killed")?;
     let standby_line = wait_for(&standby_out, "rmc: failed over at epoch ", "the standby")?;
     Ok(Trial {
-        sent,
-        replies,
-        retries,
+        check,
+        late,
+        from_elsewhere,
         failover,
         standby_line: format!("failed over at epoch {standby_line}"),
+    })
+}
+
+/// What one demo client saw beyond what the shared checker records.
+struct ClientRun {
+    late: u64,
+    from_elsewhere: u64,
+    first_after_kill: Option<Duration>,
+}
+
+/// One client of the demo: new requests one at a time until `stop`, then every late reply,
+/// all checked by `checker`. Ends early once the checker found a contradiction.
+fn client_run(
+    service: SocketAddr,
+    id: u64,
+    stop: &AtomicBool,
+    checker: &SharedChecker,
+    killed_at: &OnceLock<Instant>,
+) -> Result<ClientRun> {
+    let mut client = Client::new(service, id)?;
+    client.retry_after = Duration::from_millis(20);
+    let mut first_after_kill = None;
+    let mut on_reply = |r: &Reply| {
+        // A contradiction is kept by the checker and reported by the trial.
+        let _ = checker.lock().check(r);
+        if first_after_kill.is_none() {
+            first_after_kill = killed_at.get().map(|k| k.elapsed());
+        }
+    };
+    while !stop.load(Ordering::Acquire) {
+        let seq = client.next_seq();
+        checker.lock().sent(id, seq);
+        let (_, resent) = client
+            .request(Duration::from_secs(10), &mut on_reply)
+            .with_context(|| format!("client {id:#x}"))?;
+        let mut checker = checker.lock();
+        checker.resent(id, seq, resent);
+        if !checker.violations().is_empty() {
+            break;
+        }
+    }
+    // Replies still on their way (answers to resends) are checked too.
+    let late = client.drain(
+        Duration::from_millis(300),
+        Duration::from_secs(3),
+        &mut on_reply,
+    )?;
+    Ok(ClientRun {
+        late,
+        from_elsewhere: client.from_elsewhere(),
+        first_after_kill,
     })
 }
 

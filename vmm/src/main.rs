@@ -115,6 +115,10 @@ struct PrimaryArgs {
     /// Output commit: most packets held.
     #[arg(long, default_value_t = 16_384)]
     netbuf_packets: usize,
+    /// Testing only: break a guarantee on purpose, to show that the checks catch it. Never
+    /// use it to protect a real VM.
+    #[arg(long, value_enum, hide = true)]
+    inject_fault: Option<Fault>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,9 +151,11 @@ struct StandbyArgs {
     #[arg(long)]
     sessions: Option<u64>,
     /// Where clients reach the service (normally the primary's --listen): on failover the
-    /// standby's VM takes this UDP address over. Without it there is no failover.
-    #[arg(long)]
-    service_addr: Option<SocketAddr>,
+    /// standby's VM takes this UDP address over. `primary`: the address the primary's NIC
+    /// served on, as its last checkpoint records it (hosts that share a floating service
+    /// address, or both on one machine). Without it there is no failover.
+    #[arg(long, value_parser = parse_service_addr)]
+    service_addr: Option<ServiceAddr>,
     /// After a failover, stop the VM after this many seconds (default: run until killed).
     #[arg(long)]
     run_for: Option<f64>,
@@ -188,6 +194,22 @@ struct DemoArgs {
     /// Heartbeats of primary and standby (raise them on a software-emulated machine).
     #[command(flatten)]
     heartbeat: HeartbeatArgs,
+    /// Concurrent clients. One checker sees every reply of all of them: a counter handed out
+    /// twice, a reply older than one another client already saw, a repeat answered
+    /// differently. With one client, each new request must raise the counter by exactly one.
+    #[arg(long, default_value_t = 2)]
+    clients: u32,
+    /// Testing only: passed to the primary (see `rmc primary --inject-fault`).
+    #[arg(long, value_enum, hide = true)]
+    inject_fault: Option<Fault>,
+}
+
+/// A guarantee broken on purpose, so that tests can show the checkers catching it.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Release the guest's output at once instead of after the ack of its checkpoint (output
+    /// commit off while protected).
+    ReleaseBeforeAck,
 }
 
 #[derive(Parser, Debug)]
@@ -361,6 +383,24 @@ struct ClientArgs {
     /// Seq of the first request (to continue an earlier run of the same --client-id).
     #[arg(long, default_value_t = 1)]
     first_seq: u64,
+}
+
+/// Where a failed-over VM serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServiceAddr {
+    /// This address.
+    Fixed(SocketAddr),
+    /// The address the primary's NIC served on (from the checkpoint).
+    Primary,
+}
+
+fn parse_service_addr(s: &str) -> Result<ServiceAddr, String> {
+    if s == "primary" {
+        return Ok(ServiceAddr::Primary);
+    }
+    s.parse().map(ServiceAddr::Fixed).map_err(|_| {
+        format!("`{s}` is neither an address such as 10.0.0.5:7000 nor the word `primary`")
+    })
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -543,10 +583,19 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
     let stop = AtomicBool::new(false);
     let mut sessions = 0u64;
     let mut paused = false;
+    let output_commit = a.inject_fault != Some(Fault::ReleaseBeforeAck);
+    if !output_commit {
+        eprintln!(
+            "rmc: FAULT INJECTED (testing only): output leaves before its checkpoint is \
+             acknowledged; a failover can contradict replies"
+        );
+    }
     loop {
         // Output commit from the first moment of protection: nothing the guest sends leaves
         // before the standby holds the checkpoint that produced it.
-        vm.enable_output_commit(limits)?;
+        if output_commit {
+            vm.enable_output_commit(limits)?;
+        }
         let primary = match Primary::connect(&vm, config.clone()) {
             Ok(p) => p,
             Err(e) => {
@@ -721,6 +770,13 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
             })?,
             (None, _) => std::net::Ipv4Addr::LOCALHOST.into(),
         },
+        clients: a.clients.max(1),
+        primary_extra: match a.inject_fault {
+            Some(Fault::ReleaseBeforeAck) => {
+                vec!["--inject-fault".into(), "release-before-ack".into()]
+            }
+            None => Vec::new(),
+        },
     };
     let trials = a.trials.max(1);
     let base = Duration::from_secs_f64(a.kill_after.max(0.1));
@@ -749,13 +805,18 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
             }
         };
         println!(
-            "trial {:>2}: killed the primary after {:.2} s; {} requests sent, {} replies, {} retries; \
+            "trial {:>2}: killed the primary after {:.2} s; {} client(s), {} requests, {} replies \
+             ({} late, {} from other addresses), {} needed a resend ({} resends); \
              failover (kill to first reply) {} ms; consistent",
             i + 1,
             kill_after.as_secs_f64(),
-            t.sent,
-            t.replies,
-            t.retries,
+            t.check.clients,
+            t.check.requests,
+            t.check.replies,
+            t.late,
+            t.from_elsewhere,
+            t.check.needed_resend,
+            t.check.resends,
             t.failover.as_millis()
         );
         if i == 0 {
@@ -829,12 +890,18 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
 fn failover(
     sb: &mut rmc_mc::standby::Standby,
     session: &rmc_mc::standby::Session,
-    service: SocketAddr,
+    service: ServiceAddr,
     run_for: Option<f64>,
 ) -> Result<ExitCode> {
     let backup = sb.take_backup().expect("checked by the caller");
     let epoch = backup.checkpoint.expect("checked by the caller");
     let state = rmc_vmm::VmState::decode(&backup.state).context("The backup's state blob")?;
+    let service = match service {
+        ServiceAddr::Fixed(a) => a,
+        ServiceAddr::Primary => state.nic.host_addr.context(
+            "Failover: --service-addr primary, but the primary's checkpoint records no service address",
+        )?,
+    };
     let config = VmConfig {
         mem_size: backup.layout.total_pages() * 4096,
         // Restoring ignores the workloads: the vCPUs continue from their saved state.
@@ -898,27 +965,26 @@ fn client(a: ClientArgs) -> Result<ExitCode> {
     let first = a.first_seq.max(1);
     let mut last_counter = None;
     let deadline = Duration::from_secs_f64(a.timeout.max(0.001));
-    let mut checker = Checker::new(client_id, a.exclusive);
-    let mut retries = 0u64;
-    let mut replies = 0u64;
+    let mut checker = Checker::new(a.exclusive);
     let mut latencies = Vec::with_capacity(a.requests as usize);
-    let mut contradiction = None;
     let start = Instant::now();
     println!("rmc client {client_id:#x} -> {}", a.server);
+    let inconsistent = |checker: &Checker| -> Option<ExitCode> {
+        let first = checker.violations().first()?;
+        eprintln!("rmc client: INCONSISTENT: {first}");
+        Some(ExitCode::FAILURE)
+    };
     for i in 1..=a.requests {
-        checker.sent(first + i - 1);
+        let seq = first + i - 1;
+        checker.sent(client_id, seq);
         let mut on_reply = |r: &rmc_vmm::service::Reply| {
-            replies += 1;
-            if a.check && contradiction.is_none() {
-                if let Err(e) = checker.check(r) {
-                    contradiction = Some(e);
-                }
-            }
+            // Contradictions are kept by the checker and reported below.
+            let _ = checker.check(r);
         };
         let sent_at = Instant::now();
         let (r, resent) = c.request(deadline, &mut on_reply)?;
         latencies.push(sent_at.elapsed());
-        retries += resent;
+        checker.resent(client_id, seq, resent);
         last_counter = Some(r.counter);
         if !a.quiet {
             println!(
@@ -927,17 +993,34 @@ fn client(a: ClientArgs) -> Result<ExitCode> {
             );
         }
         if a.repeat_every > 0 && i % a.repeat_every == 0 {
-            let (again, resent) = c.repeat(r.seq, deadline, &mut on_reply)?;
-            retries += resent + 1;
+            let (again, resent) = c.repeat(r.seq, deadline, |r| {
+                let _ = checker.check(r);
+            })?;
+            checker.resent(client_id, seq, resent);
             if !a.quiet {
                 println!("seq {} again -> counter {}", again.seq, again.counter);
             }
         }
-        if let Some(e) = &contradiction {
-            eprintln!("rmc client: INCONSISTENT: {e}");
-            return Ok(ExitCode::FAILURE);
+        if a.check {
+            if let Some(code) = inconsistent(&checker) {
+                return Ok(code);
+            }
         }
     }
+    // Replies still on their way (answers to resends) count too.
+    let late = c.drain(
+        Duration::from_millis(a.retry_ms.clamp(50, 1000)),
+        Duration::from_secs(2),
+        |r| {
+            let _ = checker.check(r);
+        },
+    )?;
+    if a.check {
+        if let Some(code) = inconsistent(&checker) {
+            return Ok(code);
+        }
+    }
+    let s = checker.summary();
     latencies.sort_unstable();
     let pct = |p: f64| {
         latencies
@@ -945,10 +1028,13 @@ fn client(a: ClientArgs) -> Result<ExitCode> {
             .map_or(0, |d| d.as_micros())
     };
     println!(
-        "rmc client: {} requests, {} replies, {} resends/repeats in {:.2} s, latency p50 {} us p99 {} us, last counter {}{}",
+        "rmc client: {} requests, {} replies ({late} late, {} from other addresses), {} needed a \
+         resend, {} resends/repeats in {:.2} s, latency p50 {} us p99 {} us, last counter {}{}",
         a.requests,
-        replies,
-        retries,
+        s.replies,
+        c.from_elsewhere(),
+        s.needed_resend,
+        s.resends + a.requests.checked_div(a.repeat_every).unwrap_or(0),
         start.elapsed().as_secs_f64(),
         pct(0.5),
         pct(0.99),
@@ -969,6 +1055,18 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn service_addresses() {
+        assert_eq!(parse_service_addr("primary"), Ok(ServiceAddr::Primary));
+        assert_eq!(
+            parse_service_addr("10.0.0.5:7000"),
+            Ok(ServiceAddr::Fixed("10.0.0.5:7000".parse().unwrap()))
+        );
+        assert!(parse_service_addr("10.0.0.5")
+            .unwrap_err()
+            .contains("nor the word `primary`"));
     }
 
     #[test]

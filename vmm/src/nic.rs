@@ -79,6 +79,8 @@ pub struct NicState {
     pub rx_used: u32,
     /// Statistics.
     pub stats: NicStats,
+    /// The UDP address the host side served on (where the guest's clients reach it).
+    pub host_addr: Option<SocketAddr>,
 }
 
 /// NIC counters.
@@ -193,7 +195,10 @@ impl Nic {
             s.set_nonblocking(true)?;
         }
         Ok(Nic {
-            state: NicState::default(),
+            state: NicState {
+                host_addr: socket.as_ref().and_then(|s| s.local_addr().ok()),
+                ..NicState::default()
+            },
             socket,
             rx_scratch: vec![0; MAX_FRAME],
             output: None,
@@ -215,9 +220,13 @@ impl Nic {
         &self.state
     }
 
-    /// Replaces the device state (restoring a checkpoint).
+    /// Replaces the device state (restoring a checkpoint). The host address stays this NIC's
+    /// own.
     pub fn set_state(&mut self, state: NicState) {
-        self.state = state;
+        self.state = NicState {
+            host_addr: self.local_addr(),
+            ..state
+        };
     }
 
     /// The host socket's address, if any.
