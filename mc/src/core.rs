@@ -21,7 +21,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use rmc_transport::wire::{
-    auth, EpochHeader, EpochKind, Layout, Message, MsgType, WireError, NONCE_LEN, PROTOCOL_VERSION,
+    auth, EpochHeader, EpochKind, Layout, Message, MsgType, WireError, MAX_STATE_LEN, NONCE_LEN,
+    PROTOCOL_VERSION,
 };
 
 /// Heartbeat settings shared by both sides.
@@ -35,9 +36,12 @@ pub struct Heartbeat {
 
 impl Default for Heartbeat {
     fn default() -> Self {
+        // A loaded 2-core machine delayed a sleeping thread's wake-up by up to ~40 ms (and a
+        // heavier load once stalled a peer for 463 ms): 1 s of silence is a lost peer, a busy
+        // one is not. A peer that dies closes its connection and is seen at once anyway.
         Heartbeat {
-            interval: Duration::from_millis(50),
-            timeout: Duration::from_millis(200),
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_secs(1),
         }
     }
 }
@@ -68,6 +72,28 @@ pub enum ProtocolError {
     /// The layouts of the two sides do not match.
     #[error("Memory layout mismatch: {0}")]
     LayoutMismatch(String),
+    /// The primary's vCPU/device state encoding is not one this standby can restore.
+    #[error(
+        "The primary's VM state encoding is version {found}; this standby restores version \
+         {supported} only (run the same rmc version on both hosts)"
+    )]
+    StateVersion {
+        /// The primary's.
+        found: u32,
+        /// This standby's.
+        supported: u32,
+    },
+    /// The layout needs more memory than this host may give it.
+    #[error(
+        "The primary's guest needs {need} MiB here (backup and staging slots), more than this \
+         host's {limit} MiB"
+    )]
+    TooLarge {
+        /// MiB the backup and the slots need.
+        need: u64,
+        /// MiB this host has.
+        limit: u64,
+    },
     /// A message that is wrong for the current state.
     #[error("Unexpected {got:?} message while {state}")]
     Unexpected {
@@ -453,10 +479,47 @@ pub struct LayoutRule {
     pub memory_bytes: Option<u64>,
     /// Layout of the backup the standby already holds, if any.
     pub existing: Option<Layout>,
+    /// The only state encoding version the standby restores, if it checks.
+    pub state_version: Option<u32>,
+    /// Most bytes the backup and the staging slots may take on this host, if bounded.
+    pub host_bytes: Option<u64>,
 }
 
 impl LayoutRule {
-    fn check(&self, l: &Layout) -> Result<(), String> {
+    /// Bytes a standby allocates for `l`: the backup of guest memory and the staging slots.
+    pub fn footprint(l: &Layout) -> u64 {
+        let page = u64::from(l.page_size);
+        let slot = u64::from(l.slot_pages) * (8 + page) + u64::from(MAX_STATE_LEN);
+        l.total_pages() * page + slot * u64::from(l.slot_count)
+    }
+
+    /// Whether a primary with layout `l` is acceptable.
+    pub fn accepts(&self, l: &Layout) -> Result<(), ProtocolError> {
+        self.check(l)
+    }
+
+    fn check(&self, l: &Layout) -> Result<(), ProtocolError> {
+        if let Some(supported) = self.state_version {
+            if l.state_version != supported {
+                return Err(ProtocolError::StateVersion {
+                    found: l.state_version,
+                    supported,
+                });
+            }
+        }
+        if let Some(limit) = self.host_bytes {
+            let need = Self::footprint(l);
+            if need > limit {
+                return Err(ProtocolError::TooLarge {
+                    need: need >> 20,
+                    limit: limit >> 20,
+                });
+            }
+        }
+        self.check_shape(l).map_err(ProtocolError::LayoutMismatch)
+    }
+
+    fn check_shape(&self, l: &Layout) -> Result<(), String> {
         let total = l.total_pages() * u64::from(l.page_size);
         if let Some(want) = self.memory_bytes {
             if total != want {
@@ -612,9 +675,7 @@ impl StandbyCore {
                     return Err(ProtocolError::AuthFailed { peer: "primary" });
                 }
                 layout.validate()?;
-                self.rule
-                    .check(&layout)
-                    .map_err(ProtocolError::LayoutMismatch)?;
+                self.rule.check(&layout)?;
                 self.phase = StandbyPhase::Idle;
                 self.layout = Some(layout.clone());
                 Ok(StandbyAction::Established {
@@ -702,6 +763,21 @@ impl StandbyCore {
         }
     }
 
+    /// The Accept that starts epochs after `last_applied`, the backup's last applied epoch
+    /// when the session starts (it may have moved on since this core was created, while the
+    /// primary was handshaking).
+    ///
+    /// # Panics
+    /// Before the handshake completed or once epochs flow (a bug in the caller).
+    pub fn accept_from(&mut self, last_applied: u64) -> Message {
+        assert!(
+            self.phase == StandbyPhase::Idle && self.layout.is_some(),
+            "accept_from() outside a fresh session"
+        );
+        self.last_applied = last_applied;
+        Message::Accept { last_applied }
+    }
+
     /// The epoch ordered by [`StandbyAction::Apply`] is applied; returns the ack to send.
     ///
     /// # Panics
@@ -750,6 +826,7 @@ mod tests {
             slot_pages: 1024,
             slot_count: 2,
             features: 0,
+            state_version: 1,
         }
     }
 
@@ -1053,25 +1130,59 @@ mod tests {
         assert_eq!(err, ProtocolError::Version { found: 99 });
         assert!(err.to_string().contains("version 99"));
 
-        let rule = LayoutRule {
+        let refused = |rule: LayoutRule| {
+            let (mut p, hello) =
+                PrimaryCore::<u32>::new(SECRET, layout(), [1; 32], Heartbeat::default(), now);
+            let mut s = StandbyCore::new(SECRET, rule, 0, Heartbeat::default(), now);
+            let StandbyAction::Send(c) = s.on_message(hello, [2; 32], now).unwrap() else {
+                panic!()
+            };
+            let PrimaryAction::Send(a) = p.on_message(c, now).unwrap() else {
+                panic!()
+            };
+            s.on_message(a, [0; 32], now).unwrap_err()
+        };
+        let err = refused(LayoutRule {
             memory_bytes: Some(128 << 20),
-            existing: None,
-        };
-        let (mut p, hello) =
-            PrimaryCore::<u32>::new(SECRET, layout(), [1; 32], Heartbeat::default(), now);
-        let mut s = StandbyCore::new(SECRET, rule, 0, Heartbeat::default(), now);
-        let StandbyAction::Send(c) = s.on_message(hello, [2; 32], now).unwrap() else {
-            panic!()
-        };
-        let PrimaryAction::Send(a) = p.on_message(c, now).unwrap() else {
-            panic!()
-        };
-        let err = s.on_message(a, [0; 32], now).unwrap_err();
+            ..LayoutRule::default()
+        });
         assert!(matches!(err, ProtocolError::LayoutMismatch(_)));
         assert!(
             err.to_string().contains("64 MiB") && err.to_string().contains("128 MiB"),
             "{err}"
         );
+        // A state encoding this standby cannot restore.
+        let err = refused(LayoutRule {
+            state_version: Some(7),
+            ..LayoutRule::default()
+        });
+        assert_eq!(
+            err,
+            ProtocolError::StateVersion {
+                found: 1,
+                supported: 7
+            }
+        );
+        // More memory than the host has (the backup plus the staging slots count).
+        let need = LayoutRule::footprint(&layout());
+        assert!(need > 64 << 20);
+        let err = refused(LayoutRule {
+            host_bytes: Some(64 << 20),
+            ..LayoutRule::default()
+        });
+        assert_eq!(
+            err,
+            ProtocolError::TooLarge {
+                need: need >> 20,
+                limit: 64
+            }
+        );
+        assert!(LayoutRule {
+            host_bytes: Some(need),
+            ..LayoutRule::default()
+        }
+        .accepts(&layout())
+        .is_ok());
     }
 
     #[test]

@@ -31,6 +31,20 @@ pub(crate) fn refuse_on_error<T, W: std::io::Write>(
     r
 }
 
+/// Passes a read through; on a malformed frame, first tells the peer what was wrong with a
+/// `Refuse` (best effort), so both logs name the problem.
+pub(crate) fn refuse_on_wire_error<T, W: std::io::Write>(
+    r: Result<T, rmc_transport::tcp::LinkError>,
+    writer: &mut rmc_transport::tcp::FrameWriter<W>,
+) -> Result<T, rmc_transport::tcp::LinkError> {
+    if let Err(rmc_transport::tcp::LinkError::Wire(e)) = &r {
+        let _ = writer.send(&rmc_transport::wire::Message::Refuse {
+            reason: e.to_string(),
+        });
+    }
+    r
+}
+
 /// An error from the guest (the VMM's own error type, boxed).
 pub type GuestError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -45,6 +59,9 @@ pub trait Guest: Send + Sync {
     fn regions(&self) -> Vec<(u64, u64)>;
     /// Number of vCPUs.
     fn vcpus(&self) -> u32;
+    /// Encoding version of what [`Guest::save_state`] produces (announced in the handshake,
+    /// so a standby that cannot restore it refuses the primary up front).
+    fn state_version(&self) -> u32;
     /// Stops every vCPU (and so every device); returns how long stopping took.
     fn pause(&self) -> Duration;
     /// Lets the vCPUs run again.

@@ -71,6 +71,10 @@ pub struct PrimaryConfig {
     /// Stop by itself after protecting this long (counted from the end of the full sync), as
     /// if `stop` had been set.
     pub protect_for: Option<Duration>,
+    /// The longest to wait for the standby's Accept: it allocates the backup and its staging
+    /// slots first (and registers them for RDMA), which for a large guest on a busy machine
+    /// takes seconds.
+    pub handshake_timeout: Duration,
 }
 
 impl PrimaryConfig {
@@ -89,6 +93,7 @@ impl PrimaryConfig {
             heartbeat: Heartbeat::default(),
             summary_every: Duration::from_secs(5),
             protect_for: None,
+            handshake_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -244,6 +249,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             slot_pages: config.slot_pages as u32,
             slot_count: config.slots as u32,
             features: 0,
+            state_version: guest.state_version(),
         };
         let ring = SlotRing::new(
             SlotLayout {
@@ -262,12 +268,7 @@ impl<'g, G: Guest> Primary<'g, G> {
         let (mut core, hello) =
             PrimaryCore::new(&config.secret, layout, auth::nonce(), config.heartbeat, now);
         writer.send(&hello)?;
-        // Over RDMA the standby registers its staging region before it accepts (slow under
-        // software emulation), so the handshake may take longer.
-        let limit = match transport {
-            Transport::Rdma => Duration::from_secs(30),
-            _ => Duration::from_secs(5),
-        };
+        let limit = config.handshake_timeout;
         let deadline = now + limit;
         let mut idle = |_| {
             if Instant::now() > deadline {
@@ -279,7 +280,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             }
         };
         loop {
-            let msg = reader.next_message(&mut idle)?;
+            let msg = crate::refuse_on_wire_error(reader.next_message(&mut idle), &mut writer)?;
             let action = crate::refuse_on_error(core.on_message(msg, Instant::now()), &mut writer)?;
             match action {
                 PrimaryAction::Send(m) => writer.send(&m)?,
@@ -356,6 +357,22 @@ impl<'g, G: Guest> Primary<'g, G> {
     /// the guest keeps running.
     pub fn run(mut self, stop: &AtomicBool) -> Result<PrimaryStats, PrimaryError> {
         let result = self.protect(stop);
+        if let Err(e) = &result {
+            // Tell the standby what it did wrong, when it did (best effort: it may be gone,
+            // and the sender thread may hold the connection).
+            let reason = match e {
+                PrimaryError::Protocol(p) => crate::core::refusal(p),
+                PrimaryError::Link(LinkError::Wire(w)) => Some(Message::Refuse {
+                    reason: w.to_string(),
+                }),
+                _ => None,
+            };
+            if let Some(refuse) = reason {
+                if let Some(mut w) = self.writer.try_lock_for(Duration::from_millis(100)) {
+                    let _ = w.send(&refuse);
+                }
+            }
+        }
         if result.is_err() {
             let empty = DirtySet::empty(&self.guest.regions());
             self.guest

@@ -13,15 +13,20 @@
 //! epoch has been applied after them ([`Backup::checkpoint`]).
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, Sender, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use rmc_staging::{SlotLayout, SlotRing, StagingError};
-use rmc_transport::link::{Conn, Listener, Rx, Transport, Tx};
+use rmc_transport::link::{Closer, Conn, Listener, Rx, Transport, Tx};
 use rmc_transport::tcp::{FrameReader, FrameWriter, LinkError};
 use rmc_transport::wire::{
     self, auth, EpochHeader, EpochKind, Layout, Message, MsgType, WireError, MAX_STATE_LEN,
+    NONCE_LEN,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -30,15 +35,54 @@ use crate::core::{Heartbeat, LayoutRule, ProtocolError, StandbyAction, StandbyCo
 /// Memory of the backup: the VMM's guest memory type, so a VM can run on it.
 pub type BackupMemory = GuestMemoryMmap<AtomicBitmap>;
 
+/// What a standby serving another primary answers a new one (which may try again later).
+pub const BUSY: &str = "This standby is protecting another primary";
+
+/// Decides whether a checkpoint can become a running VM on this host. The VMM supplies it
+/// (it knows its state encoding and its limits); without one the standby checks only what
+/// the protocol itself can.
+pub trait RestoreCheck: Send + Sync + std::fmt::Debug {
+    /// The state encoding version this build restores; primaries announcing another are
+    /// refused at the handshake.
+    fn state_version(&self) -> u32;
+    /// Whether a VM of this layout can be built here (vCPU count, memory size and regions).
+    fn check_layout(&self, layout: &Layout) -> Result<(), String>;
+    /// Whether this checkpoint's state blob decodes and fits the layout (vCPU count, memory
+    /// size): only then is the checkpoint applied and acknowledged.
+    fn check_state(&self, state: &[u8], layout: &Layout) -> Result<(), String>;
+}
+
 /// Standby settings.
 #[derive(Debug, Clone)]
 pub struct StandbyConfig {
     /// The shared secret.
     pub secret: Vec<u8>,
-    /// Guest memory size to accept (`None`: whatever the first primary proposes).
+    /// Guest memory size to accept (`None`: whatever the first primary proposes, if this
+    /// host can hold it).
     pub memory_bytes: Option<u64>,
     /// Heartbeats.
     pub heartbeat: Heartbeat,
+    /// What a checkpoint must satisfy to be acknowledged (`None`: the protocol's checks only).
+    pub restore: Option<Arc<dyn RestoreCheck>>,
+    /// The longest a connection may take from accept to a verified layout; then it is cut,
+    /// whatever it sends.
+    pub handshake_timeout: Duration,
+    /// Connections handshaking at once; a new one beyond that cuts the oldest (so a flood of
+    /// idle connections cannot keep a primary out for longer than its own handshake takes).
+    pub max_pending: usize,
+}
+
+impl Default for StandbyConfig {
+    fn default() -> Self {
+        StandbyConfig {
+            secret: Vec::new(),
+            memory_bytes: None,
+            heartbeat: Heartbeat::default(),
+            restore: None,
+            handshake_timeout: Duration::from_secs(5),
+            max_pending: 16,
+        }
+    }
 }
 
 /// The standby's copy of the guest.
@@ -55,6 +99,10 @@ pub struct Backup {
     /// The checkpoint epoch the backup is a consistent image of; `None` while it is not one
     /// (before the first checkpoint, or after sync epochs of a new session).
     pub checkpoint: Option<u64>,
+    /// The checkpoint was applied by the latest session, which did not end with a goodbye:
+    /// losing that primary is a reason to fail over to it. A goodbye, or a new session,
+    /// disarms it until that session's first checkpoint.
+    pub armed: bool,
 }
 
 /// Why a connection ended.
@@ -87,6 +135,37 @@ pub enum StandbyError {
     /// The primary closed the connection before the handshake completed.
     #[error("Connection closed by the primary during the handshake")]
     HandshakeClosed,
+    /// The handshake did not complete in time.
+    #[error("No verified handshake within {0:?}: connection cut")]
+    HandshakeTimeout(Duration),
+    /// Cut to make room for a newer connection: `max_pending` were handshaking already.
+    #[error("Cut during its handshake to make room for a newer connection ({0} were pending)")]
+    Evicted(usize),
+    /// A primary authenticated while another one is being served.
+    #[error("{BUSY}")]
+    Busy,
+    /// A frame longer than any message allowed before authentication.
+    #[error("{ty:?} frame of {len} bytes before authentication (at most {limit})")]
+    PreAuthFrame {
+        /// Its type.
+        ty: MsgType,
+        /// Its length.
+        len: u64,
+        /// The most that type may have there.
+        limit: u64,
+    },
+    /// The primary's guest cannot be built on this host.
+    #[error("The primary's guest cannot run on this host: {0}")]
+    NotBuildable(String),
+    /// A checkpoint that arrived whole and verified, but could not become a running VM: it
+    /// is refused and not acknowledged; the backup keeps the checkpoint before it.
+    #[error("Checkpoint {epoch} cannot be restored: {reason}")]
+    Unrestorable {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        reason: String,
+    },
     /// The connection ended in the middle of an epoch, which is discarded.
     #[error("Connection closed in the middle of epoch {epoch}; the partial epoch is discarded")]
     Incomplete {
@@ -96,12 +175,37 @@ pub enum StandbyError {
     /// An RDMA-placed body names a slot it cannot be in.
     #[error("Invalid RDMA placement: {0}")]
     Placement(String),
+    /// An epoch larger than a slot needs a buffer this host cannot give.
+    #[error("Epoch {epoch} is larger than a slot and needs a {mib} MiB buffer, which cannot be allocated")]
+    NoBuffer {
+        /// The epoch.
+        epoch: u64,
+        /// The size.
+        mib: u64,
+    },
     /// Accepting the connection failed.
     #[error("Cannot accept a connection")]
     Accept(#[source] std::io::Error),
 }
 
-/// How a connection went.
+impl StandbyError {
+    /// Whether the peer should be told with a `Refuse` (a protocol or content error); socket
+    /// failures and ends of stream are not worth a message.
+    fn refusable(&self) -> bool {
+        match self {
+            StandbyError::Link(LinkError::Wire(_)) => true,
+            StandbyError::Link(_)
+            | StandbyError::PrimaryLost
+            | StandbyError::HandshakeClosed
+            | StandbyError::Incomplete { .. }
+            | StandbyError::Accept(_) => false,
+            StandbyError::Protocol(p) => crate::core::refusal(p).is_some(),
+            _ => true,
+        }
+    }
+}
+
+/// How a session with an authenticated primary went.
 #[derive(Debug)]
 pub struct Session {
     /// The primary's address.
@@ -124,13 +228,92 @@ impl Session {
     }
 }
 
+/// A connection that did not become a session: its handshake failed, timed out or was
+/// refused. It never touches the backup and never causes a failover.
+#[derive(Debug)]
+pub struct Refusal {
+    /// Who connected.
+    pub peer: SocketAddr,
+    /// Why it was refused.
+    pub error: StandbyError,
+}
+
 /// A standby listening for its primary.
+///
+/// Connections are accepted on a thread of their own and each handshake runs on its own
+/// thread with a hard deadline (`handshake_timeout`), frames limited to the sizes of the
+/// messages allowed before authentication, and at most `max_pending` at once, so no
+/// unauthenticated peer can delay an authenticated one. Only a primary that proved the secret
+/// and whose layout this standby can hold becomes a [`Session`] ([`Standby::serve_one`]);
+/// every other connection is a [`Refusal`] ([`Standby::refusals`]).
 #[derive(Debug)]
 pub struct Standby {
-    listener: Listener,
+    local_addr: SocketAddr,
+    transport: Transport,
     config: StandbyConfig,
     backup: Option<Backup>,
     ring: Option<SlotRing>,
+    shared: Arc<Shared>,
+    ready: Receiver<Handshake>,
+    refused: Option<Receiver<Refusal>>,
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        self.stop_listening();
+    }
+}
+
+impl Standby {
+    /// Accepts no more connections (at failover, say). Over TCP a connection of our own wakes
+    /// the accepting thread; over RDMA it ends at the next connection attempt.
+    pub fn stop_listening(&self) {
+        self.shared.closing.store(true, Ordering::Release);
+        if self.transport == Transport::Tcp {
+            let _ = std::net::TcpStream::connect_timeout(
+                &self.local_addr,
+                Duration::from_millis(100),
+            );
+        }
+    }
+}
+
+/// What the acceptor and the handshake threads share with the serving loop.
+#[derive(Debug)]
+struct Shared {
+    /// The rule a new primary's layout must satisfy (updated when the backup changes).
+    rule: Mutex<LayoutRule>,
+    /// A session is being served.
+    serving: AtomicBool,
+    /// Handshakes under way, oldest first: (id, a handle to cut it, set when it was cut to
+    /// make room).
+    pending: Mutex<std::collections::VecDeque<(u64, Closer, Arc<AtomicBool>)>>,
+    /// The standby is gone: accept nothing more.
+    closing: AtomicBool,
+}
+
+/// What a session got done, kept when it ends in an error.
+struct Progress {
+    epochs: u64,
+    last_heard: Instant,
+}
+
+/// An authenticated connection, handed from its handshake thread to the serving loop.
+struct Handshake {
+    peer: SocketAddr,
+    reader: FrameReader<Rx>,
+    writer: FrameWriter<Tx>,
+    closer: Closer,
+    core: StandbyCore,
+    layout: Layout,
+}
+
+impl std::fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handshake")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Standby {
@@ -147,12 +330,37 @@ impl Standby {
         config: StandbyConfig,
     ) -> std::io::Result<(Self, String)> {
         let (listener, why) = Listener::bind(addr, transport)?;
+        let shared = Arc::new(Shared {
+            rule: Mutex::new(LayoutRule {
+                memory_bytes: config.memory_bytes,
+                existing: None,
+                state_version: config.restore.as_ref().map(|r| r.state_version()),
+                host_bytes: host_memory_bytes(),
+            }),
+            serving: AtomicBool::new(false),
+            pending: Mutex::new(std::collections::VecDeque::new()),
+            closing: AtomicBool::new(false),
+        });
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (refused_tx, refused) = sync_channel(64);
+        let local_addr = listener.local_addr();
+        let transport = listener.transport();
+        {
+            let (config, shared) = (config.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name("rmc-accept".into())
+                .spawn(move || accept_loop(listener, config, shared, ready_tx, refused_tx))?;
+        }
         Ok((
             Standby {
-                listener,
+                local_addr,
+                transport,
                 config,
                 backup: None,
                 ring: None,
+                shared,
+                ready,
+                refused: Some(refused),
             },
             why,
         ))
@@ -160,12 +368,12 @@ impl Standby {
 
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr()
+        self.local_addr
     }
 
     /// The transport it listens with.
     pub fn transport(&self) -> Transport {
-        self.listener.transport()
+        self.transport
     }
 
     /// The backup, if any primary ever connected.
@@ -178,23 +386,49 @@ impl Standby {
         self.backup.take()
     }
 
+    /// Whether `session`'s end is a reason to fail over: an authenticated primary that was
+    /// protecting a consistent checkpoint was lost (no goodbye).
+    pub fn should_fail_over(&self, session: &Session) -> bool {
+        session.result.is_err()
+            && self
+                .backup
+                .as_ref()
+                .is_some_and(|b| b.armed && b.checkpoint.is_some())
+    }
+
+    /// The connections that did not become sessions, as they happen (the first caller takes
+    /// the receiver; refusals beyond 64 unread ones are only logged).
+    pub fn refusals(&mut self) -> Option<Receiver<Refusal>> {
+        self.refused.take()
+    }
+
     /// Bytes this standby holds besides the backup: its staging slots.
     pub fn staging_bytes(&self) -> usize {
         self.ring.as_ref().map_or(0, |r| r.region().len())
     }
 
-    /// Accepts one connection and serves it until it ends.
+    /// Waits for the next primary that completes its handshake and serves it until the
+    /// session ends. Connections that fail their handshake do not end this call.
     pub fn serve_one(&mut self) -> Result<Session, StandbyError> {
-        let (conn, peer) = self.listener.accept().map_err(StandbyError::Accept)?;
-        info!(%peer, transport = %conn.transport(), "primary connected");
-        let mut epochs = 0;
-        let mut last_heard = Instant::now();
-        let result = self.serve(conn, &mut epochs, &mut last_heard);
+        let h = self.ready.recv().map_err(|_| {
+            StandbyError::Accept(std::io::Error::other("the accepting thread ended"))
+        })?;
+        self.shared.serving.store(true, Ordering::Release);
+        let peer = h.peer;
+        let mut progress = Progress {
+            epochs: 0,
+            last_heard: Instant::now(),
+        };
+        let result = self.serve(h, &mut progress);
+        let Progress { epochs, last_heard } = progress;
         let ended = Instant::now();
         match &result {
             Ok(()) => info!(%peer, epochs, "primary closed the connection"),
             Err(e) => info!(%peer, epochs, "connection ended: {}", error_chain(e)),
         }
+        let existing = self.backup.as_ref().map(|b| b.layout.clone());
+        self.shared.rule.lock().existing = existing;
+        self.shared.serving.store(false, Ordering::Release);
         Ok(Session {
             peer,
             epochs,
@@ -204,41 +438,108 @@ impl Standby {
         })
     }
 
-    fn serve(
-        &mut self,
-        conn: Conn,
-        epochs: &mut u64,
-        last_heard: &mut Instant,
-    ) -> Result<(), StandbyError> {
-        let (rx, tx, _closer) = conn.split(
-            self.config.heartbeat.interval / 2,
-            self.config.heartbeat.timeout,
-        )?;
-        let mut reader = FrameReader::new(rx);
-        let mut writer = FrameWriter::new(tx);
-        let rule = LayoutRule {
-            memory_bytes: self.config.memory_bytes,
-            existing: self.backup.as_ref().map(|b| b.layout.clone()),
-        };
-        let last = self.backup.as_ref().map_or(0, |b| b.last_applied);
-        let mut core = StandbyCore::new(
-            &self.config.secret,
-            rule,
-            last,
+    fn serve(&mut self, h: Handshake, progress: &mut Progress) -> Result<(), StandbyError> {
+        let Handshake {
+            mut reader,
+            writer,
+            closer,
+            mut core,
+            layout,
+            ..
+        } = h;
+        let writer = Arc::new(Mutex::new(writer));
+        // Heartbeats go out from their own thread, so that applying a large epoch, a busy CPU
+        // or a long read cannot delay them past the primary's timeout.
+        let beating = Arc::new(AtomicBool::new(true));
+        let accepted = Arc::new(AtomicBool::new(false));
+        let beat = spawn_heartbeat(
+            writer.clone(),
+            beating.clone(),
+            accepted.clone(),
             self.config.heartbeat,
-            Instant::now(),
+        );
+        let result = self.serve_session(
+            &mut reader,
+            &writer,
+            &mut core,
+            &layout,
+            &accepted,
+            progress,
+        );
+        if let Err(e) = &result {
+            if e.refusable() {
+                let _ = writer.lock().send(&Message::Refuse {
+                    reason: error_chain(e),
+                });
+            }
+        }
+        beating.store(false, Ordering::Release);
+        closer.close();
+        let _ = beat.join();
+        result
+    }
+
+    fn serve_session(
+        &mut self,
+        reader: &mut FrameReader<Rx>,
+        writer: &Mutex<FrameWriter<Tx>>,
+        core: &mut StandbyCore,
+        layout: &Layout,
+        accepted: &AtomicBool,
+        progress: &mut Progress,
+    ) -> Result<(), StandbyError> {
+        // The rule may have changed while this primary was handshaking (another session).
+        self.shared
+            .rule
+            .lock()
+            .clone()
+            .accepts(layout)
+            .map_err(StandbyError::Protocol)?;
+        self.prepare(layout)?;
+        if let Some(b) = &mut self.backup {
+            // Only this session's checkpoints arm a failover from now on.
+            b.armed = false;
+        }
+        let last = self.backup.as_ref().map_or(0, |b| b.last_applied);
+        let accept = core.accept_from(last);
+        // RDMA: register the staging region (the only memory the primary may write) and tell
+        // the primary where it is, right after the Accept.
+        {
+            let mut w = writer.lock();
+            let key = match w.get_mut().rdma() {
+                Some(tx) => {
+                    let ring = self.ring.as_ref().expect("prepared");
+                    Some(tx.expose(ring).map_err(|source| LinkError::Io {
+                        what: "registering the staging region for RDMA",
+                        source,
+                    })?)
+                }
+                None => None,
+            };
+            core.heard(Instant::now());
+            w.send(&accept)?;
+            if let Some(key) = key {
+                w.send(&Message::RegionKey(key))?;
+            }
+            // Heartbeats may flow once the primary has its Accept (and RDMA region key).
+            accepted.store(true, Ordering::Release);
+        }
+        info!(
+            regions = ?layout.regions,
+            vcpus = layout.vcpus,
+            last_applied = last,
+            "primary authenticated; receiving epochs"
         );
         let mut body: Option<Body> = None;
         loop {
-            *last_heard = reader.last_data();
-            let max_body = core.layout().map_or(0, max_body_len);
-            let read = reader.read_header(max_body, &mut idler(&mut core, &mut writer));
+            progress.last_heard = reader.last_data();
+            let max_body = max_body_len(layout);
+            let read = reader.read_header(max_body, &mut idler(core));
             let h = match read {
                 Ok(h) => h,
                 Err(LinkError::Closed { got: 0, .. }) => {
                     return Err(match core.epoch_in_progress() {
                         Some(epoch) => StandbyError::Incomplete { epoch },
-                        None if core.in_handshake() => StandbyError::HandshakeClosed,
                         // Closed without a Goodbye: the primary is gone.
                         None => StandbyError::PrimaryLost,
                     });
@@ -247,74 +548,74 @@ impl Standby {
             };
             if h.ty == MsgType::BodyPlaced {
                 // RDMA: the body is already in one of our slots.
-                let msg = reader.read_message(h, &mut idler(&mut core, &mut writer))?;
+                let msg = reader.read_message(h, &mut idler(core))?;
                 let Message::BodyPlaced { slot, len } = msg else {
                     unreachable!("decoded by type")
                 };
-                if writer.get_mut().rdma().is_none() {
+                if writer.lock().get_mut().rdma().is_none() {
                     return Err(StandbyError::Placement(
                         "BodyPlaced on a TCP connection".into(),
                     ));
                 }
                 let header = core.on_body_frame(len)?;
                 let b = self.placed_body(header, slot)?;
-                self.received(&mut core, header, b, &mut body)?;
+                self.received(core, header, b, &mut body)?;
                 continue;
             }
             if h.ty == MsgType::EpochBody {
                 let header = core.on_body_frame(h.len)?;
-                let b =
-                    self.receive_body(&mut reader, header, &mut idler(&mut core, &mut writer))?;
-                self.received(&mut core, header, b, &mut body)?;
+                let b = self.receive_body(reader, header, &mut idler(core))?;
+                self.received(core, header, b, &mut body)?;
                 continue;
             }
-            let msg = reader.read_message(h, &mut idler(&mut core, &mut writer))?;
-            let action = crate::refuse_on_error(
-                core.on_message(msg, auth::nonce(), Instant::now()),
-                &mut writer,
-            )?;
-            match action {
-                StandbyAction::Goodbye => return Ok(()),
-                StandbyAction::None | StandbyAction::ExpectBody { .. } => {}
-                StandbyAction::Send(m) => writer.send(&m)?,
-                StandbyAction::Established { layout, accept } => {
-                    self.prepare(&layout)?;
-                    // RDMA: register the staging region (the only memory the primary may
-                    // write) and tell the primary where it is, right after the Accept.
-                    let key = match writer.get_mut().rdma() {
-                        Some(tx) => {
-                            let ring = self.ring.as_ref().expect("prepared");
-                            Some(tx.expose(ring).map_err(|source| LinkError::Io {
-                                what: "registering the staging region for RDMA",
-                                source,
-                            })?)
-                        }
-                        None => None,
-                    };
-                    core.heard(Instant::now());
-                    writer.send(&accept)?;
-                    if let Some(key) = key {
-                        writer.send(&Message::RegionKey(key))?;
+            let msg = reader.read_message(h, &mut idler(core))?;
+            match core.on_message(msg, auth::nonce(), Instant::now())? {
+                StandbyAction::Goodbye => {
+                    if let Some(b) = &mut self.backup {
+                        // A deliberate end: the backup is released, no failover to it.
+                        b.armed = false;
                     }
-                    core.sent(Instant::now());
-                    info!(
-                        regions = ?layout.regions,
-                        vcpus = layout.vcpus,
-                        last_applied = last,
-                        "primary authenticated; receiving epochs"
-                    );
+                    return Ok(());
+                }
+                StandbyAction::None | StandbyAction::ExpectBody { .. } => {}
+                StandbyAction::Send(m) => writer.lock().send(&m)?,
+                StandbyAction::Established { .. } => {
+                    unreachable!("the handshake completed before the session")
                 }
                 StandbyAction::Apply(header) => {
                     let b = body.take().expect("core orders apply only after a body");
+                    self.check_restorable(&header, &b, layout)?;
                     self.apply(&header, &b)?;
                     core.heard(Instant::now());
-                    *epochs += 1;
+                    progress.epochs += 1;
                     let ack = core.applied();
-                    writer.send(&ack)?;
+                    writer.lock().send(&ack)?;
                     core.sent(Instant::now());
                 }
             }
         }
+    }
+
+    /// A checkpoint is acknowledged only if a VM can be built from it here.
+    fn check_restorable(
+        &self,
+        header: &EpochHeader,
+        body: &Body,
+        layout: &Layout,
+    ) -> Result<(), StandbyError> {
+        if header.kind != EpochKind::Checkpoint {
+            return Ok(());
+        }
+        let Some(check) = &self.config.restore else {
+            return Ok(());
+        };
+        let (_, _, state) = body.parts();
+        check
+            .check_state(state, layout)
+            .map_err(|reason| StandbyError::Unrestorable {
+                epoch: header.epoch,
+                reason,
+            })
     }
 
     /// Allocates the backup (first session, or a new layout) and the staging slots.
@@ -338,6 +639,7 @@ impl Standby {
                 state: Vec::new(),
                 last_applied: 0,
                 checkpoint: None,
+                armed: false,
             });
         }
         let slot_layout = SlotLayout {
@@ -406,10 +708,21 @@ impl Standby {
         let ring = self.ring.as_ref().expect("prepared at handshake");
         let mut body = match ring.try_acquire() {
             Some(slot) if slot.capacity() >= pages => Body::Slot(slot),
-            _ => Body::Buffer {
-                bytes: vec![0u8; pages * (8 + 4096) + state_len],
-                pages,
-            },
+            _ => {
+                // At most the guest's memory (the header was checked against the layout,
+                // which this host was found able to hold); a failed allocation is an error,
+                // never an abort.
+                let len = pages * (8 + 4096) + state_len;
+                let mut bytes = Vec::new();
+                bytes
+                    .try_reserve_exact(len)
+                    .map_err(|_| StandbyError::NoBuffer {
+                        epoch: header.epoch,
+                        mib: (len >> 20) as u64,
+                    })?;
+                bytes.resize(len, 0);
+                Body::Buffer { bytes, pages }
+            }
         };
         match &mut body {
             Body::Slot(slot) => {
@@ -446,6 +759,7 @@ impl Standby {
                 backup.state.clear();
                 backup.state.extend_from_slice(state);
                 backup.checkpoint = Some(header.epoch);
+                backup.armed = true;
             }
         }
         debug!(epoch = header.epoch, pages = index.len() / 8, kind = ?header.kind, "epoch applied");
@@ -485,23 +799,256 @@ impl Body {
     }
 }
 
-/// While a read waits: send heartbeats when due, give up when the primary went silent.
-fn idler<'a>(
-    core: &'a mut StandbyCore,
-    writer: &'a mut FrameWriter<Tx>,
-) -> impl FnMut(Instant) -> Result<(), String> + 'a {
+/// While a read waits: give up when the primary went silent (heartbeats go out from their
+/// own thread).
+fn idler(core: &mut StandbyCore) -> impl FnMut(Instant) -> Result<(), String> + '_ {
     move |last_data| {
         core.heard(last_data);
-        idle_tick(core, writer)
+        core.tick(Instant::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
-fn idle_tick(core: &mut StandbyCore, writer: &mut FrameWriter<Tx>) -> Result<(), String> {
-    match core.tick(Instant::now()) {
-        Ok(Some(hb)) => writer.send(&hb).map_err(|e| error_chain(&e)),
-        Ok(None) => Ok(()),
-        Err(e) => Err(e.to_string()),
+/// Sends a heartbeat every interval once `accepted` is set, until `beating` is cleared or a
+/// send fails (the session's reads then see the failure too).
+fn spawn_heartbeat(
+    writer: Arc<Mutex<FrameWriter<Tx>>>,
+    beating: Arc<AtomicBool>,
+    accepted: Arc<AtomicBool>,
+    hb: Heartbeat,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("rmc-heartbeat".into())
+        .spawn(move || {
+            let mut seq = 0u64;
+            let tick = (hb.interval / 4).max(Duration::from_millis(1));
+            let mut next = Instant::now() + hb.interval;
+            while beating.load(Ordering::Acquire) {
+                std::thread::sleep(tick);
+                if Instant::now() < next || !accepted.load(Ordering::Acquire) {
+                    continue;
+                }
+                seq += 1;
+                if writer.lock().send(&Message::Heartbeat { seq }).is_err() {
+                    return;
+                }
+                next = Instant::now() + hb.interval;
+            }
+        })
+        .expect("spawn heartbeat thread")
+}
+
+/// Accepts connections and starts a handshake thread for each, at most `max_pending` at once.
+fn accept_loop(
+    listener: Listener,
+    config: StandbyConfig,
+    shared: Arc<Shared>,
+    ready: Sender<Handshake>,
+    refused: SyncSender<Refusal>,
+) {
+    let mut next_id = 0u64;
+    loop {
+        let accepted = listener.accept();
+        if shared.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let (conn, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("accepting a connection failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let Ok(closer) = conn.closer() else {
+            continue;
+        };
+        let evicted = Arc::new(AtomicBool::new(false));
+        let id = next_id;
+        next_id += 1;
+        {
+            let mut pending = shared.pending.lock();
+            while pending.len() >= config.max_pending.max(1) {
+                let (_, oldest, flag) = pending.pop_front().expect("not empty");
+                flag.store(true, Ordering::Release);
+                oldest.close();
+            }
+            pending.push_back((id, closer, evicted.clone()));
+        }
+        let (config, shared, ready, refused) =
+            (config.clone(), shared.clone(), ready.clone(), refused.clone());
+        let spawned = std::thread::Builder::new()
+            .name("rmc-handshake".into())
+            .spawn(move || {
+                let result = handshake(conn, peer, &config, &shared);
+                let mut pending = shared.pending.lock();
+                let n = pending.len();
+                pending.retain(|(i, ..)| *i != id);
+                drop(pending);
+                let result = match result {
+                    Err(_) if evicted.load(Ordering::Acquire) => Err(StandbyError::Evicted(n)),
+                    r => r,
+                };
+                match result {
+                    Ok(h) => {
+                        info!(%peer, "primary authenticated");
+                        if ready.send(h).is_err() {
+                            // The standby is gone.
+                        }
+                    }
+                    Err(e) => refuse(&refused, peer, e),
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start a handshake thread: {e}");
+        }
     }
+}
+
+fn refuse(refused: &SyncSender<Refusal>, peer: SocketAddr, error: StandbyError) {
+    warn!(%peer, "connection refused: {}", error_chain(&error));
+    let _ = refused.try_send(Refusal { peer, error });
+}
+
+/// The most a frame of each type may carry before the primary is authenticated.
+fn pre_auth_limit(ty: MsgType) -> u64 {
+    match ty {
+        MsgType::Hello => 8 + 2 + NONCE_LEN as u64,
+        MsgType::Auth => NONCE_LEN as u64 + 28 + 16 * 16,
+        MsgType::Refuse => wire::MAX_REASON_LEN as u64,
+        _ => 16,
+    }
+}
+
+/// Authenticates a new connection and checks its layout, within the handshake deadline.
+fn handshake(
+    conn: Conn,
+    peer: SocketAddr,
+    config: &StandbyConfig,
+    shared: &Shared,
+) -> Result<Handshake, StandbyError> {
+    let hb = config.heartbeat;
+    let (rx, tx, closer) = conn.split(hb.interval / 2, hb.timeout)?;
+    // A hard deadline, whatever the peer sends (a byte now and then keeps a read going): a
+    // watchdog cuts the connection when it passes.
+    let deadline = config.handshake_timeout;
+    let done = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let cut = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (done, cut) = (done.clone(), cut.clone());
+        let closer = closer.try_clone().map_err(|source| LinkError::Io {
+            what: "setting up the handshake deadline",
+            source,
+        })?;
+        std::thread::Builder::new()
+            .name("rmc-handshake-deadline".into())
+            .spawn(move || {
+                let (lock, cv) = &*done;
+                let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let (guard, _) = cv
+                    .wait_timeout_while(guard, deadline, |finished| !*finished)
+                    .unwrap_or_else(|e| e.into_inner());
+                if !*guard {
+                    cut.store(true, Ordering::Release);
+                    closer.close();
+                }
+            })
+            .map_err(|source| LinkError::Io {
+                what: "starting the handshake deadline",
+                source,
+            })?
+    };
+    let mut reader = FrameReader::new(rx);
+    let mut writer = FrameWriter::new(tx);
+    let result = authenticate(&mut reader, &mut writer, config, shared);
+    {
+        let (lock, cv) = &*done;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+    let _ = watchdog.join();
+    let result = match result {
+        Err(_) if cut.load(Ordering::Acquire) => Err(StandbyError::HandshakeTimeout(deadline)),
+        r => r,
+    };
+    match result {
+        Ok((core, layout)) => Ok(Handshake {
+            peer,
+            reader,
+            writer,
+            closer,
+            core,
+            layout,
+        }),
+        Err(e) => {
+            if e.refusable() {
+                let _ = writer.send(&Message::Refuse {
+                    reason: error_chain(&e),
+                });
+            }
+            closer.close();
+            Err(e)
+        }
+    }
+}
+
+fn authenticate(
+    reader: &mut FrameReader<Rx>,
+    writer: &mut FrameWriter<Tx>,
+    config: &StandbyConfig,
+    shared: &Shared,
+) -> Result<(StandbyCore, Layout), StandbyError> {
+    let rule = shared.rule.lock().clone();
+    let mut core = StandbyCore::new(&config.secret, rule, 0, config.heartbeat, Instant::now());
+    let mut idle = |_| Ok(());
+    loop {
+        let h = match reader.read_header(0, &mut idle) {
+            Ok(h) => h,
+            Err(LinkError::Closed { got: 0, .. }) => return Err(StandbyError::HandshakeClosed),
+            Err(e) => return Err(e.into()),
+        };
+        let limit = pre_auth_limit(h.ty);
+        if h.len > limit {
+            return Err(StandbyError::PreAuthFrame {
+                ty: h.ty,
+                len: h.len,
+                limit,
+            });
+        }
+        let msg = reader.read_message(h, &mut idle)?;
+        match core.on_message(msg, auth::nonce(), Instant::now())? {
+            StandbyAction::Send(m) => writer.send(&m)?,
+            StandbyAction::Established { layout, .. } => {
+                if let Some(check) = &config.restore {
+                    check
+                        .check_layout(&layout)
+                        .map_err(StandbyError::NotBuildable)?;
+                }
+                if shared.serving.load(Ordering::Acquire) {
+                    return Err(StandbyError::Busy);
+                }
+                return Ok((core, layout));
+            }
+            // Nothing else is allowed before the handshake completes (the core refuses it).
+            _ => unreachable!("the core allows only the handshake here"),
+        }
+    }
+}
+
+/// The memory this host has (`MemTotal`), for bounding what a primary may make the standby
+/// allocate.
+fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib << 10)
 }
 
 fn max_body_len(l: &Layout) -> u64 {

@@ -12,11 +12,12 @@
 //! Every wait is a hang guard of minutes ([`HANG_GUARD`]), not a speed requirement.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rmc_mc::core::{Heartbeat, ProtocolError};
-use rmc_mc::standby::{error_chain, Session, Standby, StandbyConfig, StandbyError};
+use rmc_mc::standby::{error_chain, RestoreCheck, Session, Standby, StandbyConfig, StandbyError};
 use rmc_staging::{SlotLayout, SlotRing};
 use rmc_transport::link::{first_rdma_ip, Closer, Conn, Rx, Transport, Tx};
 use rmc_transport::tcp::{FrameReader, FrameWriter, LinkError};
@@ -75,22 +76,55 @@ fn layout() -> Layout {
         slot_pages: 16,
         slot_count: 2,
         features: 0,
+        state_version: 1,
     }
 }
 
 fn standby(t: Transport) -> Standby {
-    let (sb, _) = Standby::bind_with(
-        listen_addr(t),
-        t,
-        StandbyConfig {
-            secret: SECRET.to_vec(),
-            memory_bytes: Some(MEM),
-            heartbeat: HEARTBEAT,
-        },
-    )
-    .unwrap();
+    standby_with(t, config())
+}
+
+/// The standby's configuration in these tests: `MEM` of guest memory, restorable states are
+/// those [`StateCheck`] accepts.
+fn config() -> StandbyConfig {
+    StandbyConfig {
+        secret: SECRET.to_vec(),
+        memory_bytes: Some(MEM),
+        heartbeat: HEARTBEAT,
+        restore: Some(Arc::new(StateCheck)),
+        ..StandbyConfig::default()
+    }
+}
+
+fn standby_with(t: Transport, config: StandbyConfig) -> Standby {
+    let (sb, _) = Standby::bind_with(listen_addr(t), t, config).unwrap();
     assert_eq!(sb.transport(), t);
     sb
+}
+
+/// What these tests' standby can restore: state encoding version 1, one vCPU, and state blobs
+/// that start with `state-` (a stand-in for the VMM's decoder).
+#[derive(Debug)]
+struct StateCheck;
+
+impl RestoreCheck for StateCheck {
+    fn state_version(&self) -> u32 {
+        1
+    }
+
+    fn check_layout(&self, layout: &Layout) -> Result<(), String> {
+        if layout.vcpus != 1 {
+            return Err(format!("{} vCPUs (this host builds 1)", layout.vcpus));
+        }
+        Ok(())
+    }
+
+    fn check_state(&self, state: &[u8], _: &Layout) -> Result<(), String> {
+        if !state.starts_with(b"state-") {
+            return Err("not a state blob of this test".into());
+        }
+        Ok(())
+    }
 }
 
 /// Serves one connection on a thread; returns the standby and how the session went.
@@ -353,6 +387,44 @@ fn check_fault(
     good_primary_continues(sb);
 }
 
+/// Runs `fault` as a would-be primary whose connection must never become a session: the
+/// standby reports a refusal with the error `is_expected` accepts (`expected` describes it),
+/// the checkpoint is intact, and a good primary is accepted afterwards.
+fn check_refused(
+    t: Transport,
+    expected: &str,
+    is_expected: impl FnOnce(&StandbyError) -> bool,
+    fault: impl FnOnce(&mut Peer),
+) {
+    let (mut sb, before) = standby_with_checkpoint(t);
+    let refusals = sb.refusals().expect("the refusals receiver");
+    let mut p = connect(sb.local_addr(), t);
+    fault(&mut p);
+    drop(p);
+    let r = refusals
+        .recv_timeout(HANG_GUARD)
+        .expect("a refusal (hang guard, not a speed requirement)");
+    assert!(
+        is_expected(&r.error),
+        "expected {expected}; the connection was refused with {:?} ({:?})",
+        error_chain(&r.error),
+        r.error
+    );
+    assert_eq!(backup_hash(&sb), before, "the last good checkpoint changed");
+    good_primary_continues(sb);
+}
+
+/// Reads until the standby's Refuse; returns its reason (then the standby closes).
+fn refusal(p: &mut Peer) -> String {
+    loop {
+        match p.r.next_message(&mut hang_guard("the standby's Refuse")) {
+            Ok(Message::Refuse { reason }) => return reason,
+            Ok(_) => {}
+            Err(e) => panic!("the standby closed without a Refuse: {e}"),
+        }
+    }
+}
+
 /// After a fault: a good primary is accepted and continues from epoch 3 (the checkpoint the
 /// fault must not have disturbed is epoch 2).
 fn good_primary_continues(sb: Standby) {
@@ -387,7 +459,7 @@ fn frames(msgs: &[Message]) -> Vec<u8> {
 
 #[test]
 fn wrong_secret() {
-    check_fault(
+    check_refused(
         transport(),
         "AuthFailed { peer: \"primary\" }",
         |e| {
@@ -412,6 +484,8 @@ fn wrong_secret() {
                 layout: layout(),
             })
             .unwrap();
+            let why = refusal(p);
+            assert!(why.starts_with("Authentication failed"), "{why}");
             until_standby_closes(p);
         },
     );
@@ -419,7 +493,7 @@ fn wrong_secret() {
 
 #[test]
 fn wrong_protocol_version() {
-    check_fault(
+    check_refused(
         transport(),
         "Version { found: 7 }",
         |e| {
@@ -434,6 +508,8 @@ fn wrong_protocol_version() {
                 nonce: auth::nonce(),
             })
             .unwrap();
+            let why = refusal(p);
+            assert!(why.contains("protocol version 7"), "{why}");
             until_standby_closes(p);
         },
     );
@@ -441,7 +517,7 @@ fn wrong_protocol_version() {
 
 #[test]
 fn layout_mismatch() {
-    check_fault(
+    check_refused(
         transport(),
         "LayoutMismatch (2 MiB proposed, 1 MiB configured)",
         |e| {
@@ -468,6 +544,8 @@ fn layout_mismatch() {
                 layout: l,
             })
             .unwrap();
+            let why = refusal(p);
+            assert!(why.starts_with("Memory layout mismatch"), "{why}");
             until_standby_closes(p);
         },
     );
@@ -851,4 +929,276 @@ fn rdma_queue_pair_forced_into_error() {
     assert_eq!(backup_hash(&sb), before, "the last good checkpoint changed");
     drop(p);
     good_primary_continues(sb);
+}
+
+/// Sends a Hello and an Auth with `layout`; returns what the standby answered the Auth with.
+fn offer(p: &mut Peer, layout: Layout) -> Message {
+    let nonce = auth::nonce();
+    p.w.send(&Message::Hello {
+        version: PROTOCOL_VERSION,
+        nonce,
+    })
+    .unwrap();
+    let Message::Challenge { nonce: c, .. } = next(p) else {
+        panic!("expected a challenge")
+    };
+    p.w.send(&Message::Auth {
+        proof: auth::primary_proof(SECRET, &c, &nonce),
+        layout,
+    })
+    .unwrap();
+    next(p)
+}
+
+#[test]
+fn state_encoding_this_standby_cannot_restore() {
+    check_refused(
+        transport(),
+        "StateVersion { found: 9, supported: 1 }",
+        |e| {
+            matches!(
+                e,
+                StandbyError::Protocol(ProtocolError::StateVersion {
+                    found: 9,
+                    supported: 1
+                })
+            )
+        },
+        |p| {
+            let reply = offer(
+                p,
+                Layout {
+                    state_version: 9,
+                    ..layout()
+                },
+            );
+            assert!(
+                matches!(&reply, Message::Refuse { reason } if reason.contains("version 9")),
+                "{reply:?}"
+            );
+            until_standby_closes(p);
+        },
+    );
+}
+
+/// The VMM's own limits (here: one vCPU), checked at the handshake of a fresh standby.
+#[test]
+fn a_guest_this_host_cannot_build() {
+    let t = transport();
+    let mut sb = standby(t);
+    let refusals = sb.refusals().unwrap();
+    let mut p = connect(sb.local_addr(), t);
+    let reply = offer(
+        &mut p,
+        Layout {
+            vcpus: 2,
+            ..layout()
+        },
+    );
+    assert!(
+        matches!(&reply, Message::Refuse { reason } if reason.ends_with("2 vCPUs (this host builds 1)")),
+        "{reply:?}"
+    );
+    let r = refusals.recv_timeout(HANG_GUARD).unwrap();
+    assert!(
+        matches!(&r.error, StandbyError::NotBuildable(why) if why == "2 vCPUs (this host builds 1)"),
+        "{:?}",
+        r.error
+    );
+    assert!(
+        sb.backup().is_none(),
+        "nothing allocated for a refused guest"
+    );
+}
+
+/// A standby without `--memory` still refuses a guest larger than this host's memory, before
+/// allocating anything for it.
+#[test]
+fn a_guest_larger_than_this_host_is_refused() {
+    let mut sb = standby_with(
+        Transport::Tcp,
+        StandbyConfig {
+            memory_bytes: None,
+            ..config()
+        },
+    );
+    let refusals = sb.refusals().unwrap();
+    let mut p = connect(sb.local_addr(), Transport::Tcp);
+    let huge = Layout {
+        regions: vec![(0, 1 << 39)],
+        ..layout()
+    };
+    let reply = offer(&mut p, huge);
+    assert!(
+        matches!(&reply, Message::Refuse { reason } if reason.contains("more than this host's")),
+        "{reply:?}"
+    );
+    let r = refusals.recv_timeout(HANG_GUARD).unwrap();
+    assert!(
+        matches!(r.error, StandbyError::Protocol(ProtocolError::TooLarge { need, .. }) if need >= 512 << 10),
+        "{:?}",
+        r.error
+    );
+    assert!(
+        sb.backup().is_none(),
+        "nothing allocated for a refused guest"
+    );
+}
+
+/// A checkpoint that arrives whole and verified but whose state could not be restored is
+/// refused and never acknowledged; the checkpoint before it stays.
+#[test]
+fn unrestorable_checkpoint_is_refused_not_acked() {
+    check_fault(
+        transport(),
+        "Unrestorable { epoch: 3 }",
+        |e| matches!(e, StandbyError::Unrestorable { epoch: 3, reason } if reason == "not a state blob of this test"),
+        |p| {
+            handshake(p, SECRET, layout());
+            let (index, rest) = body(&[(0x1000, 1)], b"garbage");
+            p.w.send_epoch(
+                &header(3, EpochKind::Checkpoint, 1, 7),
+                &[&index, &rest],
+                &Message::Commit {
+                    epoch: 3,
+                    checksum: wire::checksum(&[&index, &rest]),
+                },
+            )
+            .unwrap();
+            loop {
+                match p
+                    .r
+                    .next_message(&mut hang_guard("the standby's answer to epoch 3"))
+                {
+                    Ok(Message::Refuse { reason }) => {
+                        assert!(
+                            reason.contains("Checkpoint 3 cannot be restored"),
+                            "{reason}"
+                        );
+                        break;
+                    }
+                    Ok(Message::Ack { epoch }) => panic!("epoch {epoch} was acknowledged"),
+                    Ok(_) => {}
+                    Err(e) => panic!("closed without a Refuse: {e}"),
+                }
+            }
+            until_standby_closes(p);
+        },
+    );
+}
+
+/// A peer that never finishes its handshake (a byte now and then keeps every read going) is
+/// cut at the handshake deadline, and meanwhile a good primary is served.
+#[test]
+fn a_trickling_peer_is_cut_and_delays_no_primary() {
+    let t = Transport::Tcp;
+    let mut sb = standby_with(
+        t,
+        StandbyConfig {
+            handshake_timeout: Duration::from_secs(2),
+            ..config()
+        },
+    );
+    let refusals = sb.refusals().unwrap();
+    let addr = sb.local_addr();
+    let trickler = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let mut hello = Vec::new();
+        wire::encode(
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                nonce: auth::nonce(),
+            },
+            &mut hello,
+        );
+        // One byte every 10 ms, and never the last one.
+        for b in &hello[..hello.len() - 1] {
+            if std::io::Write::write_all(&mut s, &[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut sink = [0u8; 64];
+        let _ = std::io::Read::read(&mut s, &mut sink);
+    });
+    // While it trickles, a good primary completes its handshake and a checkpoint.
+    let h = serve(sb);
+    let mut p = connect(addr, t);
+    assert_eq!(handshake(&mut p, SECRET, layout()), 0);
+    good_epoch(&mut p, 1, EpochKind::Sync, &[(0, 1)], b"");
+    good_epoch(&mut p, 2, EpochKind::Checkpoint, &[(0x2000, 2)], b"state-2");
+    p.w.send(&Message::Goodbye { last_epoch: 2 }).unwrap();
+    until_standby_closes(&mut p);
+    let (_sb, s) = h.join().unwrap();
+    s.result.expect("the good primary's session");
+    let r = refusals
+        .recv_timeout(HANG_GUARD)
+        .expect("the trickler refused (hang guard)");
+    assert!(
+        matches!(r.error, StandbyError::HandshakeTimeout(d) if d == Duration::from_secs(2)),
+        "{:?}",
+        r.error
+    );
+    trickler.join().unwrap();
+}
+
+/// Fifty idle connections (more than may handshake at once) do not keep a primary out: the
+/// oldest are cut to make room.
+#[test]
+fn idle_connections_do_not_keep_a_primary_out() {
+    let t = Transport::Tcp;
+    let mut sb = standby(t);
+    let refusals = sb.refusals().unwrap();
+    let addr = sb.local_addr();
+    let idle: Vec<_> = (0..50)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let h = serve(sb);
+    let mut p = connect(addr, t);
+    assert_eq!(handshake(&mut p, SECRET, layout()), 0);
+    good_epoch(&mut p, 1, EpochKind::Sync, &[(0, 1)], b"");
+    p.w.send(&Message::Goodbye { last_epoch: 1 }).unwrap();
+    until_standby_closes(&mut p);
+    let (_sb, s) = h.join().unwrap();
+    s.result.expect("the primary's session");
+    let evicted = refusals
+        .try_iter()
+        .filter(|r| matches!(r.error, StandbyError::Evicted(16)))
+        .count();
+    assert!(evicted >= 50 - 16, "{evicted} idle connections cut");
+    drop(idle);
+}
+
+/// Before authentication a frame may be only as long as the messages allowed there.
+#[test]
+fn long_frames_before_authentication_are_refused() {
+    check_refused(
+        transport(),
+        "PreAuthFrame { ty: Hello, len: 60000, limit: 42 }",
+        |e| {
+            matches!(
+                e,
+                StandbyError::PreAuthFrame {
+                    ty: MsgType::Hello,
+                    len: 60_000,
+                    limit: 42
+                }
+            )
+        },
+        |p| {
+            let mut f = Vec::new();
+            wire::encode(
+                &Message::Hello {
+                    version: PROTOCOL_VERSION,
+                    nonce: auth::nonce(),
+                },
+                &mut f,
+            );
+            f[8..16].copy_from_slice(&60_000u64.to_le_bytes());
+            p.w.send_raw(&[&f]).unwrap();
+            let why = refusal(p);
+            assert!(why.contains("before authentication"), "{why}");
+            until_standby_closes(p);
+        },
+    );
 }

@@ -352,8 +352,28 @@ fn primary_with_wrong_secret_is_refused() {
         stderr.contains("Authentication failed: the standby does not hold the same secret"),
         "{stderr}"
     );
+    // The standby refused the connection; it never became a session, so the standby still
+    // waits for its one session: a good primary gets it.
+    let line = wait_for_line(
+        &standby.out,
+        "rmc: refused a connection from 127.0.0.1:",
+        UP,
+        "rmc standby",
+    );
+    // The primary finds the standby's proof wrong first and says so with a Refuse.
+    assert!(
+        line.ends_with(
+            "The primary refused the connection: Authentication failed: the standby does not \
+             hold the same secret"
+        ),
+        "{line}"
+    );
+    protect_briefly(&standby.addr, &good);
     let sout = standby.finish();
-    assert!(sout.contains("ended after 0 epochs: error:"), "{sout}");
+    assert!(
+        sout.contains("closed by the primary; backup: consistent checkpoint of epoch"),
+        "{sout}"
+    );
     // A too-short secret is refused before anything starts.
     let short = secret_file(dir.path(), "short", "tiny");
     let out = output_within(
@@ -367,6 +387,120 @@ fn primary_with_wrong_secret_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("use at least 16"), "{stderr}");
+}
+
+/// Runs `rmc primary` against the standby at `addr` for a second of protection; it must end
+/// with a goodbye and success.
+fn protect_briefly(addr: &str, secret: &std::path::Path) -> String {
+    let out = output_within(
+        Command::new(rmc_bin())
+            .args(["primary", "--standby", addr, "--listen", "127.0.0.1:0"])
+            .args(["--memory", "32M", "--duration", "1", "--log", "warn"])
+            .args(HEARTBEAT)
+            .arg("--secret-file")
+            .arg(secret),
+        RUN,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("checkpoints acknowledged"), "{stdout}");
+    stdout
+}
+
+/// Connections that never authenticate (a bare connect and close, a wrong secret, fifty idle
+/// connections, a peer trickling a byte every 80 ms) neither fail the standby over after a
+/// primary said goodbye, nor keep the next primary out.
+#[test]
+fn unauthenticated_peers_neither_fail_over_nor_keep_a_primary_out() {
+    if !kvm_available("unauthenticated_peers_neither_fail_over_nor_keep_a_primary_out") {
+        return;
+    }
+    let dir = secret_dir();
+    let secret = secret_file(dir.path(), "secret", "the secret of the hostile-peer test");
+    let mut child = Command::new(rmc_bin())
+        .args(["standby", "--listen", "127.0.0.1:0", "--log", "warn"])
+        .args(["--sessions", "2", "--service-addr", "primary"])
+        .args(["--handshake-timeout", "2"])
+        .args(HEARTBEAT)
+        .arg("--secret-file")
+        .arg(&secret)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start rmc standby");
+    let out = line_channel(child.stdout.take().unwrap());
+    let mut standby = Standby {
+        proc: Killed(child),
+        addr: String::new(),
+        out,
+    };
+    let line = next_line_within(&standby.out, UP, "rmc standby");
+    standby.addr = line
+        .trim()
+        .strip_prefix("rmc: standby listening on tcp ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    // A primary protects, then ends protection on purpose.
+    protect_briefly(&standby.addr, &secret);
+    let ended = wait_for_line(&standby.out, "rmc: session with ", UP, "rmc standby");
+    assert!(ended.contains("released (no failover to it"), "{ended}");
+    // Now peers that never authenticate: none may bring the stopped VM back.
+    let addr: std::net::SocketAddr = standby.addr.parse().unwrap();
+    drop(std::net::TcpStream::connect(addr).unwrap());
+    let wrong = secret_file(dir.path(), "wrong", "not the standby's secret at all");
+    let refused = output_within(
+        Command::new(rmc_bin())
+            .args([
+                "primary",
+                "--standby",
+                &standby.addr,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--memory", "32M", "--log", "warn"])
+            .args(HEARTBEAT)
+            .arg("--secret-file")
+            .arg(&wrong),
+        RUN,
+    );
+    assert!(!refused.status.success());
+    let idle: Vec<_> = (0..50)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let trickling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let trickler = {
+        let trickling = trickling.clone();
+        std::thread::spawn(move || {
+            while trickling.load(std::sync::atomic::Ordering::Acquire) {
+                let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+                    return;
+                };
+                // Bytes of a frame that never completes, one every 80 ms, until cut.
+                while trickling.load(std::sync::atomic::Ordering::Acquire)
+                    && std::io::Write::write_all(&mut s, b"R").is_ok()
+                {
+                    std::thread::sleep(Duration::from_millis(80));
+                }
+            }
+        })
+    };
+    // A new primary is protected all the same, promptly after its first try or a retry.
+    protect_briefly(&standby.addr, &secret);
+    trickling.store(false, std::sync::atomic::Ordering::Release);
+    trickler.join().unwrap();
+    drop(idle);
+    let sout = standby.finish();
+    assert!(!sout.contains("failed over"), "{sout}");
+    assert!(
+        sout.contains("Authentication failed: the standby does not hold the same secret"),
+        "{sout}"
+    );
+    assert_eq!(sout.matches("rmc: session with ").count(), 1, "{sout}");
+    assert!(sout.contains("ended after"), "{sout}");
 }
 
 #[test]

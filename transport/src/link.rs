@@ -215,6 +215,15 @@ impl Conn {
         }
     }
 
+    /// A handle that closes this connection from another thread, before or after it is
+    /// split (a handshake deadline, say).
+    pub fn closer(&self) -> io::Result<Closer> {
+        match self {
+            Conn::Tcp(s) => Ok(Closer::Tcp(s.try_clone()?)),
+            Conn::Rdma(c) => Ok(Closer::Rdma(c.closer())),
+        }
+    }
+
     /// Splits into the reading and writing halves and a closer. Reads give `WouldBlock` (or
     /// `TimedOut`) after `read_timeout` without data. On RDMA a send that must wait for the
     /// peer's acknowledgements fails after `send_timeout` without any (TCP: the kernel's

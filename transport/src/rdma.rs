@@ -683,6 +683,13 @@ impl Connection {
     /// Reads return `WouldBlock` after `read_timeout` without data; a send that needs a free
     /// buffer or send-queue entry fails when the peer acknowledged nothing for `send_timeout`
     /// (it is gone, or its link is).
+    /// A handle that closes this connection from any thread, before or after it is split.
+    pub fn closer(&self) -> Closer {
+        Closer {
+            sh: self.shared.clone(),
+        }
+    }
+
     pub fn split(self, read_timeout: Duration, send_timeout: Duration) -> (Rx, Tx, Closer) {
         let sh = self.shared;
         (

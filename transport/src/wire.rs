@@ -52,9 +52,9 @@
 //! ```text
 //! Hello       magic[8] | version u16 | nonce[32]                                  (42 bytes)
 //! Challenge   nonce[32] | proof[32]                                               (64)
-//! Auth        proof[32] | layout                                                  (32 + 24 + 16 x regions)
+//! Auth        proof[32] | layout                                                  (32 + 28 + 16 x regions)
 //!   layout    page_size u32 | vcpus u32 | slot_pages u32 | slot_count u32 | features u32 |
-//!             region_count u32 | region_count x (base u64 | len u64)
+//!             state_version u32 | region_count u32 | region_count x (base u64 | len u64)
 //! Accept      last_applied u64                                                    (8)
 //! Refuse      reason, UTF-8, at most 1,024 bytes
 //! EpochHeader epoch u64 | kind u8 | 3 zero bytes | state_len u32 | page_count u64 (24)
@@ -83,8 +83,8 @@
 pub const FRAME_HEADER_LEN: usize = 16;
 /// First bytes of a Hello payload.
 pub const MAGIC: [u8; 8] = *b"RMC-MC\r\n";
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks (2: the layout carries the state version).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest payload of any control message (everything but `EpochBody`).
 pub const MAX_CONTROL_LEN: u64 = 64 * 1024;
 /// Largest vCPU/device state blob of an epoch.
@@ -155,6 +155,9 @@ pub struct Layout {
     pub slot_count: u32,
     /// Feature bits; none defined yet, must be 0.
     pub features: u32,
+    /// Encoding version of the vCPU/device state blobs the primary sends; a standby accepts
+    /// only versions it can restore.
+    pub state_version: u32,
 }
 
 /// An epoch announcement.
@@ -337,6 +340,7 @@ pub enum WireError {
 pub const MAX_REASON_LEN: usize = 1024;
 const MAX_REGIONS: usize = 16;
 const MAX_VCPUS: u32 = 64;
+const MAX_SLOTS: u32 = 64;
 const MAX_GUEST_BYTES: u64 = 1 << 40;
 
 impl MsgType {
@@ -390,6 +394,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
                 layout.slot_pages,
                 layout.slot_count,
                 layout.features,
+                layout.state_version,
                 layout.regions.len() as u32,
             ] {
                 out.extend_from_slice(&v.to_le_bytes());
@@ -547,12 +552,19 @@ pub fn decode(ty: MsgType, payload: &[u8]) -> Result<Message, WireError> {
             }
         }
         MsgType::Auth => {
-            if payload.len() < NONCE_LEN + 24 {
-                c.exact(NONCE_LEN + 24)?;
+            if payload.len() < NONCE_LEN + 28 {
+                c.exact(NONCE_LEN + 28)?;
             }
             let proof = c.arr();
-            let (page_size, vcpus, slot_pages, slot_count, features, count) =
-                (c.u32(), c.u32(), c.u32(), c.u32(), c.u32(), c.u32());
+            let (page_size, vcpus, slot_pages, slot_count, features, state_version, count) = (
+                c.u32(),
+                c.u32(),
+                c.u32(),
+                c.u32(),
+                c.u32(),
+                c.u32(),
+                c.u32(),
+            );
             if count as usize > MAX_REGIONS {
                 return Err(WireError::Field {
                     field: "layout region count",
@@ -568,6 +580,7 @@ pub fn decode(ty: MsgType, payload: &[u8]) -> Result<Message, WireError> {
                 slot_pages,
                 slot_count,
                 features,
+                state_version,
             };
             layout.validate()?;
             Message::Auth { proof, layout }
@@ -670,8 +683,9 @@ pub fn decode(ty: MsgType, payload: &[u8]) -> Result<Message, WireError> {
 
 impl Layout {
     /// Checks the layout is sane: page size 4096, 1..=16 regions, page-aligned, ascending,
-    /// non-overlapping, non-empty, total at most 1 TiB; 1..=64 vCPUs; slot_pages >= 1;
-    /// slot_count >= 2; features == 0.
+    /// non-overlapping, non-empty, total at most 1 TiB; 1..=64 vCPUs; 1 <= slot_pages <=
+    /// the guest's pages; 2 <= slot_count <= 64; features == 0. (Whether this host can hold
+    /// it is the standby's own check.)
     pub fn validate(&self) -> Result<(), WireError> {
         let bad = |field, value: String| Err(WireError::Field { field, value });
         if self.page_size != 4096 {
@@ -714,13 +728,20 @@ impl Layout {
                 format!("{} (1 to {MAX_VCPUS})", self.vcpus),
             );
         }
-        if self.slot_pages == 0 {
-            return bad("layout slot size", "0 pages".into());
+        if self.slot_pages == 0 || u64::from(self.slot_pages) > total / 4096 {
+            return bad(
+                "layout slot size",
+                format!(
+                    "{} pages (1 to the guest's {} pages)",
+                    self.slot_pages,
+                    total / 4096
+                ),
+            );
         }
-        if self.slot_count < 2 {
+        if !(2..=MAX_SLOTS).contains(&self.slot_count) {
             return bad(
                 "layout slot count",
-                format!("{} (at least 2)", self.slot_count),
+                format!("{} (2 to {MAX_SLOTS})", self.slot_count),
             );
         }
         if self.features != 0 {
@@ -881,6 +902,7 @@ mod tests {
             slot_pages: 1024,
             slot_count: 2,
             features: 0,
+            state_version: 1,
         }
     }
 
@@ -1056,7 +1078,7 @@ mod tests {
             proof: [0; 32],
             layout: layout(),
         });
-        let count_at = FRAME_HEADER_LEN + 32 + 20;
+        let count_at = FRAME_HEADER_LEN + 32 + 24;
         a[count_at..count_at + 4].copy_from_slice(&3u32.to_le_bytes());
         assert!(matches!(
             decode_frame(&a),
@@ -1118,6 +1140,14 @@ mod tests {
             },
             Layout {
                 slot_pages: 0,
+                ..layout()
+            },
+            Layout {
+                slot_pages: 1 << 30,
+                ..layout()
+            },
+            Layout {
+                slot_count: 65,
                 ..layout()
             },
             Layout {

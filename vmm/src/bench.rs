@@ -261,6 +261,8 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
                     secret: SECRET.to_vec(),
                     memory_bytes: Some(c.mem_size),
                     heartbeat: c.heartbeat,
+                    restore: Some(std::sync::Arc::new(crate::RestoreCheck)),
+                    ..Default::default()
                 },
             )
             .context("Cannot start the in-process standby")?;
@@ -305,9 +307,7 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
                 while !done.load(std::sync::atomic::Ordering::Acquire) {
                     for p in 0..n {
                         v += 1;
-                        let base = ws[(p % u64::from(vcpus)) as usize];
-                        let _ =
-                            mem.write_obj(v, GuestAddress(base + (p / u64::from(vcpus)) * 4096));
+                        let _ = mem.write_obj(v, GuestAddress(host_page(ws, p)));
                     }
                 }
             });
@@ -327,37 +327,9 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
         None => None,
     };
 
-    // Floors, on the same VM.
-    vm.resume();
-    let mut harvest = Vec::new();
-    for _ in 0..11 {
-        match c.source {
-            DirtySource::Guest => {
-                let p = progress(&vm);
-                while progress(&vm) < p + n + u64::from(vcpus) {
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            }
-            DirtySource::Host => {
-                for p in 0..n {
-                    let base = ws[(p % u64::from(vcpus)) as usize];
-                    vm.memory()
-                        .write_obj(1u64, GuestAddress(base + (p / u64::from(vcpus)) * 4096))?;
-                }
-            }
-        }
-        vm.pause();
-        let t = Instant::now();
-        let set = vm.harvest_dirty()?;
-        harvest.push(t.elapsed().as_secs_f64() * 1e6);
-        anyhow::ensure!(
-            set.len() as u64 >= n,
-            "harvest found {} of {n} pages",
-            set.len()
-        );
-        vm.resume();
-    }
-    vm.pause();
+    // Floors, on the same VM (the primary left it paused after its last checkpoint).
+    // It leaves the VM paused.
+    let mut harvest = harvest_floor(&vm, c.source, &ws, per_vcpu, n)?;
     let mut save = Vec::new();
     for _ in 0..11 {
         let t = Instant::now();
@@ -424,6 +396,101 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
         primary_extra,
         standby_total,
     })
+}
+
+/// How long the harvest floor waits for the dirtiers to rewrite their working sets before it
+/// gives up: a hang guard for a loaded machine, not a speed requirement.
+const FLOOR_WAIT: Duration = Duration::from_secs(120);
+
+/// The pages a host source writes for an epoch of `n` pages: page `p` goes to working set
+/// `p % vcpus`, at page `p / vcpus` of it (`n` distinct pages).
+fn host_page(ws: &[u64], p: u64) -> u64 {
+    let v = ws.len() as u64;
+    ws[(p % v) as usize] + (p / v) * 4096
+}
+
+/// Harvest of N dirty pages on the paused `vm` (11 samples, microseconds). Each sample is
+/// taken only once every page of the epoch was really written, and checks that the harvest
+/// found each of them:
+///
+/// - guest source: every dirtier vCPU has rewritten its whole working set (`per_vcpu` pages,
+///   `vcpus x per_vcpu >= n` in all). Progress is counted per vCPU, not summed: with more busy
+///   vCPUs than host cores one vCPU can wrap its working set several times while another is
+///   not scheduled at all, so a summed count says nothing about distinct pages. A vCPU counts
+///   as done after `per_vcpu + 1` progress steps from its paused value: the pause may fall
+///   between a page store and the progress store that counts it (that write then belongs to
+///   the previous harvest), so `per_vcpu + 1` steps guarantee `per_vcpu` consecutive writes,
+///   i.e. every page of its set, inside this epoch.
+/// - host source: the N pages written by this thread (vm-memory's bitmap).
+fn harvest_floor(
+    vm: &Vm,
+    source: DirtySource,
+    ws: &[u64],
+    per_vcpu: u64,
+    n: u64,
+) -> Result<Vec<f64>> {
+    let vcpus = ws.len();
+    let written: Vec<u64> = match source {
+        DirtySource::Guest => ws
+            .iter()
+            .flat_map(|&base| (0..per_vcpu).map(move |p| base + p * 4096))
+            .collect(),
+        DirtySource::Host => (0..n).map(|p| host_page(ws, p)).collect(),
+    };
+    if !vm.is_paused() {
+        vm.pause();
+    }
+    // Start from a clean log: each sample covers exactly the epoch that follows.
+    vm.harvest_dirty()?;
+    let mut samples = Vec::new();
+    for _ in 0..11 {
+        match source {
+            DirtySource::Guest => {
+                // Read while paused: exact but for the one write a pause may split (above).
+                let start: Vec<u64> = (0..vcpus).map(|i| vm.dirtier_progress(i)).collect();
+                vm.resume();
+                let deadline = Instant::now() + FLOOR_WAIT;
+                let behind =
+                    || (0..vcpus).find(|&i| vm.dirtier_progress(i) < start[i] + per_vcpu + 1);
+                while let Some(i) = behind() {
+                    let stopped = vm.stopped_vcpus();
+                    anyhow::ensure!(stopped.is_empty(), "vCPUs stopped: {stopped:?}");
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "the dirtier of vCPU {i} made {} of {} page writes in {FLOOR_WAIT:?} \
+                         (a hang guard, not a speed requirement)",
+                        vm.dirtier_progress(i) - start[i],
+                        per_vcpu + 1
+                    );
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            DirtySource::Host => {
+                vm.resume();
+                for &page in &written {
+                    vm.memory().write_obj(1u64, GuestAddress(page))?;
+                }
+            }
+        }
+        vm.pause();
+        let t = Instant::now();
+        let set = vm.harvest_dirty()?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+        let missed: Vec<u64> = written
+            .iter()
+            .copied()
+            .filter(|&a| !set.contains(a))
+            .collect();
+        anyhow::ensure!(
+            missed.is_empty(),
+            "the harvest missed {} of the {} pages written since the previous one (first: {:#x}): \
+             dirty tracking lost writes",
+            missed.len(),
+            written.len(),
+            missed[0]
+        );
+    }
+    Ok(samples)
 }
 
 /// memcpy of N scattered pages of the working sets into a packed buffer (median of 11).

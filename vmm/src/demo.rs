@@ -237,10 +237,13 @@ fn trial(
             })
             .collect();
         std::thread::sleep(kill_after);
-        // SIGKILL: no goodbye, no flush, like a host that dies.
+        // SIGKILL: no goodbye, no flush, like a host that dies. The failover time runs from
+        // the kill, but only replies received once the process is gone count (one already on
+        // its way when the signal landed is no failover).
+        let killed = Instant::now();
         let _ = primary.0.kill();
-        let _ = killed_at.set(Instant::now());
         let _ = primary.0.wait();
+        let _ = killed_at.set(killed);
         std::thread::sleep(c.after);
         stop.store(true, Ordering::Release);
         clients
@@ -313,7 +316,7 @@ fn client_run(
         // A contradiction is kept by the checker and reported by the trial.
         let _ = checker.lock().check(r);
         if first_after_kill.is_none() {
-            first_after_kill = killed_at.get().map(|k| k.elapsed());
+            first_after_kill = killed_at.get().map(|k: &Instant| k.elapsed());
         }
     };
     while !stop.load(Ordering::Acquire) {

@@ -31,7 +31,7 @@ pub mod vm;
 pub use dirty::DirtyTracker;
 pub use rmc_mc::DirtySet;
 pub use state::VmState;
-pub use vm::{DirtierConfig, GuestStatus, Vm, VmConfig, VmError, Workload};
+pub use vm::{DirtierConfig, GuestStatus, RestoreCheck, Vm, VmConfig, VmError, Workload};
 
 /// Guest memory: vm-memory's mmap backend with a dirty bitmap per region, so every write the
 /// VMM makes through it is tracked.

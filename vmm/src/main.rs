@@ -159,6 +159,10 @@ struct StandbyArgs {
     /// After a failover, stop the VM after this many seconds (default: run until killed).
     #[arg(long)]
     run_for: Option<f64>,
+    /// Seconds a connection may take to authenticate and present its layout before it is
+    /// cut (several handshakes run at once; a slow or hostile peer delays no other).
+    #[arg(long, default_value_t = 5.0)]
+    handshake_timeout: f64,
 }
 
 #[derive(Parser, Debug)]
@@ -284,12 +288,15 @@ struct SecretArgs {
 
 #[derive(Parser, Debug)]
 struct HeartbeatArgs {
-    /// Milliseconds between heartbeats when nothing else is sent.
-    #[arg(long, default_value_t = 50)]
+    /// Milliseconds between heartbeats (sent from a thread of their own, so busy work does
+    /// not delay them).
+    #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
     /// Declare the peer dead after this many heartbeat intervals without hearing from it (a
-    /// closed connection is detected at once; a silent peer after interval x misses).
-    #[arg(long, default_value_t = 4)]
+    /// closed connection is detected at once; a silent peer after interval x misses). The
+    /// default 1 s is ~25x the worst wake-up delay measured on a loaded 2-core machine
+    /// (`cargo run --release -p rmc-mc --example jitter`; see docs/DEVELOPING.md).
+    #[arg(long, default_value_t = 10)]
     heartbeat_misses: u32,
 }
 
@@ -383,6 +390,23 @@ struct ClientArgs {
     /// Seq of the first request (to continue an earlier run of the same --client-id).
     #[arg(long, default_value_t = 1)]
     first_seq: u64,
+}
+
+/// Whether a failed connection to the standby may succeed later: everything but a standby
+/// that does not hold our secret, speaks another protocol version or refused this primary
+/// for what it is (its layout, memory, state version) rather than for being busy.
+fn retry_makes_sense(e: &rmc_mc::primary::PrimaryError) -> bool {
+    use rmc_mc::core::ProtocolError;
+    use rmc_mc::primary::PrimaryError;
+    match e {
+        PrimaryError::Protocol(ProtocolError::AuthFailed { .. } | ProtocolError::Version { .. }) => {
+            false
+        }
+        PrimaryError::Protocol(ProtocolError::Refused { reason, .. }) => {
+            reason.starts_with(rmc_mc::standby::BUSY) || reason.starts_with("No verified handshake")
+        }
+        _ => true,
+    }
 }
 
 /// Where a failed-over VM serves.
@@ -601,12 +625,22 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
             Err(e) => {
                 vm.disable_output_commit();
                 if sessions == 0 {
-                    return Err(anyhow::Error::new(e).context(format!(
-                        "Cannot start protection with the standby at {}",
-                        a.standby
-                    )));
+                    // A standby that is not up yet, busy, or slowed by other connections is
+                    // worth waiting for; one that refuses this primary for good is not.
+                    if !retry_makes_sense(&e) {
+                        return Err(anyhow::Error::new(e).context(format!(
+                            "Cannot start protection with the standby at {}",
+                            a.standby
+                        )));
+                    }
+                    eprintln!(
+                        "rmc: cannot start protection with the standby at {} yet: {}; retrying every second",
+                        a.standby,
+                        rmc_mc::standby::error_chain(&e)
+                    );
+                } else {
+                    tracing::debug!("standby at {} not back yet: {e}", a.standby);
                 }
-                tracing::debug!("standby at {} not back yet: {e}", a.standby);
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
@@ -698,6 +732,10 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
         secret: a.secret.read()?,
         memory_bytes: a.memory,
         heartbeat: a.heartbeat.get(),
+        // Acknowledge only checkpoints this VMM can restore.
+        restore: Some(std::sync::Arc::new(rmc_vmm::RestoreCheck)),
+        handshake_timeout: Duration::from_secs_f64(a.handshake_timeout.max(0.1)),
+        ..StandbyConfig::default()
     };
     let (mut sb, why) = Standby::bind_with(a.listen, a.transport, config)
         .with_context(|| format!("Cannot listen on {} ({})", a.listen, a.transport))?;
@@ -706,13 +744,24 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
         sb.transport(),
         sb.local_addr()
     );
+    // Connections that never became a session (failed or slow handshakes, a standby busy with
+    // another primary) are reported as they happen; they never touch the backup.
+    if let Some(refusals) = sb.refusals() {
+        std::thread::spawn(move || {
+            for r in refusals {
+                println!(
+                    "rmc: refused a connection from {}: {}",
+                    r.peer,
+                    error_chain(&r.error)
+                );
+            }
+        });
+    }
     let mut served = 0;
     while a.sessions.is_none_or(|n| served < n) {
         let s = sb.serve_one()?;
         served += 1;
-        let lost = s.result.is_err();
-        let consistent = sb.backup().and_then(|b| b.checkpoint).is_some();
-        if lost && consistent {
+        if sb.should_fail_over(&s) {
             if let Some(service) = a.service_addr {
                 return failover(&mut sb, &s, service, a.run_for);
             }
@@ -726,9 +775,13 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
                 Ok(()) => "closed by the primary".to_string(),
                 Err(e) => format!("error: {}", error_chain(e)),
             },
-            match backup.and_then(|b| b.checkpoint) {
-                Some(e) => format!("consistent checkpoint of epoch {e}"),
-                None => "no consistent checkpoint".to_string(),
+            match backup.map(|b| (b.checkpoint, b.armed)) {
+                Some((Some(e), true)) => format!("consistent checkpoint of epoch {e}"),
+                Some((Some(e), false)) => format!(
+                    "consistent checkpoint of epoch {e}, released (no failover to it until a \
+                     primary protects again)"
+                ),
+                _ => "no consistent checkpoint".to_string(),
             }
         );
     }
@@ -893,6 +946,7 @@ fn failover(
     service: ServiceAddr,
     run_for: Option<f64>,
 ) -> Result<ExitCode> {
+    sb.stop_listening();
     let backup = sb.take_backup().expect("checked by the caller");
     let epoch = backup.checkpoint.expect("checked by the caller");
     let state = rmc_vmm::VmState::decode(&backup.state).context("The backup's state blob")?;

@@ -672,6 +672,55 @@ impl Drop for Vm {
     }
 }
 
+/// What a standby checks before it acknowledges a checkpoint of an rmc VM: the guest's layout
+/// is one this VMM builds, and each checkpoint's state decodes (this build's encoding) and
+/// fits it, so the acknowledged checkpoint can always become the running VM.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RestoreCheck;
+
+impl RestoreCheck {
+    fn config(layout: &rmc_transport::wire::Layout) -> VmConfig {
+        VmConfig {
+            mem_size: layout.total_pages() * u64::from(layout.page_size),
+            workloads: vec![Workload::Idle; layout.vcpus as usize],
+            nic_addr: None,
+        }
+    }
+}
+
+impl rmc_mc::standby::RestoreCheck for RestoreCheck {
+    fn state_version(&self) -> u32 {
+        crate::state::VERSION
+    }
+
+    fn check_layout(&self, layout: &rmc_transport::wire::Layout) -> Result<(), String> {
+        let config = Self::config(layout);
+        validate(&config).map_err(|e| e.to_string())?;
+        let regions = layout::ram_regions(config.mem_size);
+        if layout.regions != regions {
+            return Err(format!(
+                "memory regions {:x?} are not those of a {} MiB rmc guest ({regions:x?})",
+                layout.regions,
+                config.mem_size >> 20
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_state(&self, state: &[u8], layout: &rmc_transport::wire::Layout) -> Result<(), String> {
+        let state = VmState::decode(state).map_err(|e| e.to_string())?;
+        check_fits(&Self::config(layout), &state).map_err(|e| e.to_string())?;
+        if state.nic.size > crate::nic::MAX_RING_SIZE {
+            return Err(format!(
+                "NIC ring of {} entries (at most {})",
+                state.nic.size,
+                crate::nic::MAX_RING_SIZE
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn check_fits(config: &VmConfig, state: &VmState) -> Result<(), VmError> {
     if state.mem_size != config.mem_size {
         return Err(crate::state::StateError::Mismatch(format!(
@@ -777,6 +826,10 @@ impl rmc_mc::Guest for Vm {
 
     fn regions(&self) -> Vec<(u64, u64)> {
         self.regions.clone()
+    }
+
+    fn state_version(&self) -> u32 {
+        crate::state::VERSION
     }
 
     fn vcpus(&self) -> u32 {

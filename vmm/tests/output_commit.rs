@@ -667,6 +667,7 @@ fn a_burst_past_the_output_buffer_gets_backpressure_not_loss() {
             secret: SECRET.to_vec(),
             memory_bytes: Some(MEM),
             heartbeat: HB,
+            ..StandbyConfig::default()
         },
     )
     .unwrap();

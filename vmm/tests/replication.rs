@@ -176,6 +176,7 @@ fn spawn_standby(
             secret: SECRET.to_vec(),
             memory_bytes: Some(64 << 20),
             heartbeat: hb,
+            ..StandbyConfig::default()
         },
     )
     .unwrap();
