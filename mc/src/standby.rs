@@ -270,10 +270,8 @@ impl Standby {
     pub fn stop_listening(&self) {
         self.shared.closing.store(true, Ordering::Release);
         if self.transport == Transport::Tcp {
-            let _ = std::net::TcpStream::connect_timeout(
-                &self.local_addr,
-                Duration::from_millis(100),
-            );
+            let _ =
+                std::net::TcpStream::connect_timeout(&self.local_addr, Duration::from_millis(100));
         }
     }
 }
@@ -876,8 +874,12 @@ fn accept_loop(
             }
             pending.push_back((id, closer, evicted.clone()));
         }
-        let (config, shared, ready, refused) =
-            (config.clone(), shared.clone(), ready.clone(), refused.clone());
+        let (config, shared, ready, refused) = (
+            config.clone(),
+            shared.clone(),
+            ready.clone(),
+            refused.clone(),
+        );
         let spawned = std::thread::Builder::new()
             .name("rmc-handshake".into())
             .spawn(move || {

@@ -399,9 +399,9 @@ fn retry_makes_sense(e: &rmc_mc::primary::PrimaryError) -> bool {
     use rmc_mc::core::ProtocolError;
     use rmc_mc::primary::PrimaryError;
     match e {
-        PrimaryError::Protocol(ProtocolError::AuthFailed { .. } | ProtocolError::Version { .. }) => {
-            false
-        }
+        PrimaryError::Protocol(
+            ProtocolError::AuthFailed { .. } | ProtocolError::Version { .. },
+        ) => false,
         PrimaryError::Protocol(ProtocolError::Refused { reason, .. }) => {
             reason.starts_with(rmc_mc::standby::BUSY) || reason.starts_with("No verified handshake")
         }

@@ -146,7 +146,6 @@ mod tests_support {
             },
         }
     }
-
 }
 
 #[cfg(test)]
@@ -229,10 +228,19 @@ mod restore_check_tests {
         ring.nic.size = 4096;
         assert!(err(&ring.encode(), &l).contains("NIC ring of 4096 entries"));
         // Layouts this VMM does not build.
-        assert!(c.check_layout(&layout(8 << 20, 1)).unwrap_err().contains("memory must be"));
-        assert!(c.check_layout(&layout(256 << 20, 9)).unwrap_err().contains("vCPUs"));
+        assert!(c
+            .check_layout(&layout(8 << 20, 1))
+            .unwrap_err()
+            .contains("memory must be"));
+        assert!(c
+            .check_layout(&layout(256 << 20, 9))
+            .unwrap_err()
+            .contains("vCPUs"));
         let mut odd = layout(256 << 20, 1);
         odd.regions = vec![(0x10_0000, 256 << 20)];
-        assert!(c.check_layout(&odd).unwrap_err().contains("not those of a 256 MiB rmc guest"));
+        assert!(c
+            .check_layout(&odd)
+            .unwrap_err()
+            .contains("not those of a 256 MiB rmc guest"));
     }
 }

@@ -707,7 +707,11 @@ impl rmc_mc::standby::RestoreCheck for RestoreCheck {
         Ok(())
     }
 
-    fn check_state(&self, state: &[u8], layout: &rmc_transport::wire::Layout) -> Result<(), String> {
+    fn check_state(
+        &self,
+        state: &[u8],
+        layout: &rmc_transport::wire::Layout,
+    ) -> Result<(), String> {
         let state = VmState::decode(state).map_err(|e| e.to_string())?;
         check_fits(&Self::config(layout), &state).map_err(|e| e.to_string())?;
         if state.nic.size > crate::nic::MAX_RING_SIZE {
