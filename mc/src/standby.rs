@@ -13,7 +13,7 @@
 //! epoch has been applied after them ([`Backup::checkpoint`]).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -175,13 +175,14 @@ pub enum StandbyError {
     /// An RDMA-placed body names a slot it cannot be in.
     #[error("Invalid RDMA placement: {0}")]
     Placement(String),
-    /// An epoch larger than a slot needs a buffer this host cannot give.
-    #[error("Epoch {epoch} is larger than a slot and needs a {mib} MiB buffer, which cannot be allocated")]
-    NoBuffer {
+    /// An epoch larger than a slot could not be kept in a temporary file.
+    #[error("Epoch {epoch} is larger than a slot and could not be kept in a temporary file")]
+    Spill {
         /// The epoch.
         epoch: u64,
-        /// The size.
-        mib: u64,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
     },
     /// Accepting the connection failed.
     #[error("Cannot accept a connection")]
@@ -422,7 +423,7 @@ impl Standby {
         let ended = Instant::now();
         match &result {
             Ok(()) => info!(%peer, epochs, "primary closed the connection"),
-            Err(e) => info!(%peer, epochs, "connection ended: {}", error_chain(e)),
+            Err(e) => warn!(%peer, epochs, "session ended: {}", error_chain(e)),
         }
         let existing = self.backup.as_ref().map(|b| b.layout.clone());
         self.shared.rule.lock().existing = existing;
@@ -449,11 +450,12 @@ impl Standby {
         // Heartbeats go out from their own thread, so that applying a large epoch, a busy CPU
         // or a long read cannot delay them past the primary's timeout.
         let beating = Arc::new(AtomicBool::new(true));
-        let accepted = Arc::new(AtomicBool::new(false));
+        // 0 until the Accept is out, then the count of messages sent besides heartbeats.
+        let sent = Arc::new(AtomicU64::new(0));
         let beat = spawn_heartbeat(
             writer.clone(),
             beating.clone(),
-            accepted.clone(),
+            sent.clone(),
             self.config.heartbeat,
         );
         let result = self.serve_session(
@@ -461,7 +463,7 @@ impl Standby {
             &writer,
             &mut core,
             &layout,
-            &accepted,
+            &sent,
             progress,
         );
         if let Err(e) = &result {
@@ -483,7 +485,7 @@ impl Standby {
         writer: &Mutex<FrameWriter<Tx>>,
         core: &mut StandbyCore,
         layout: &Layout,
-        accepted: &AtomicBool,
+        sent: &AtomicU64,
         progress: &mut Progress,
     ) -> Result<(), StandbyError> {
         // The rule may have changed while this primary was handshaking (another session).
@@ -520,7 +522,7 @@ impl Standby {
                 w.send(&Message::RegionKey(key))?;
             }
             // Heartbeats may flow once the primary has its Accept (and RDMA region key).
-            accepted.store(true, Ordering::Release);
+            sent.store(1, Ordering::Release);
         }
         info!(
             regions = ?layout.regions,
@@ -588,6 +590,7 @@ impl Standby {
                     progress.epochs += 1;
                     let ack = core.applied();
                     writer.lock().send(&ack)?;
+                    sent.fetch_add(1, Ordering::AcqRel);
                     core.sent(Instant::now());
                 }
             }
@@ -607,7 +610,7 @@ impl Standby {
         let Some(check) = &self.config.restore else {
             return Ok(());
         };
-        let (_, _, state) = body.parts();
+        let state = body.state();
         check
             .check_state(state, layout)
             .map_err(|reason| StandbyError::Unrestorable {
@@ -704,50 +707,42 @@ impl Standby {
         let pages = header.page_count as usize;
         let state_len = header.state_len as usize;
         let ring = self.ring.as_ref().expect("prepared at handshake");
-        let mut body = match ring.try_acquire() {
-            Some(slot) if slot.capacity() >= pages => Body::Slot(slot),
-            _ => {
-                // At most the guest's memory (the header was checked against the layout,
-                // which this host was found able to hold); a failed allocation is an error,
-                // never an abort.
-                let len = pages * (8 + 4096) + state_len;
-                let mut bytes = Vec::new();
-                bytes
-                    .try_reserve_exact(len)
-                    .map_err(|_| StandbyError::NoBuffer {
-                        epoch: header.epoch,
-                        mib: (len >> 20) as u64,
-                    })?;
-                bytes.resize(len, 0);
-                Body::Buffer { bytes, pages }
-            }
+        let Some(mut slot) = ring.try_acquire().filter(|s| s.capacity() >= pages) else {
+            debug!(
+                epoch = header.epoch,
+                pages, "epoch larger than a slot: its pages go through a temporary file"
+            );
+            return spill(reader, header, idle);
         };
-        match &mut body {
-            Body::Slot(slot) => {
-                let a = slot.receive_areas(pages, state_len)?;
-                reader.read_full(a.index, "an epoch's page index", idle)?;
-                reader.read_full(a.data, "an epoch's page data", idle)?;
-                reader.read_full(a.state, "an epoch's state", idle)?;
-            }
-            Body::Buffer { bytes, .. } => {
-                debug!(
-                    epoch = header.epoch,
-                    pages, "epoch larger than a slot: buffered"
-                );
-                reader.read_full(bytes, "an epoch body", idle)?;
-            }
-        }
+        let a = slot.receive_areas(pages, state_len)?;
+        reader.read_full(a.index, "an epoch's page index", idle)?;
+        reader.read_full(a.data, "an epoch's page data", idle)?;
+        reader.read_full(a.state, "an epoch's state", idle)?;
+        let body = Body::Slot(slot);
         Ok(body)
     }
 
     fn apply(&mut self, header: &EpochHeader, body: &Body) -> Result<(), StandbyError> {
         let backup = self.backup.as_mut().expect("prepared at handshake");
-        let (index, data, state) = body.parts();
+        let (index, state) = (body.index_bytes(), body.state());
+        let mut page = [0u8; 4096];
         for (i, chunk) in index.chunks_exact(8).enumerate() {
             let addr = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            let data = match body {
+                Body::Slot(s) => &s.data()[i * 4096..(i + 1) * 4096],
+                Body::Spilled { file, .. } => {
+                    std::os::unix::fs::FileExt::read_exact_at(file, &mut page, i as u64 * 4096)
+                        .map_err(|e| {
+                            StandbyError::Backup(format!(
+                                "cannot read page {addr:#x} back from its temporary file: {e}"
+                            ))
+                        })?;
+                    &page[..]
+                }
+            };
             backup
                 .memory
-                .write_slice(&data[i * 4096..(i + 1) * 4096], GuestAddress(addr))
+                .write_slice(data, GuestAddress(addr))
                 .map_err(|e| StandbyError::Backup(format!("cannot write page {addr:#x}: {e}")))?;
         }
         backup.last_applied = header.epoch;
@@ -765,36 +760,99 @@ impl Standby {
     }
 }
 
-/// A received epoch body: in a staging slot, or in a buffer when larger than a slot.
+/// A received epoch body: in a staging slot, or, when larger than a slot, its page index and
+/// state in memory and its pages in an unlinked temporary file (so no buffer of the epoch's
+/// size is ever needed).
 enum Body {
     Slot(rmc_staging::Slot),
-    Buffer { bytes: Vec<u8>, pages: usize },
+    Spilled {
+        index: Vec<u8>,
+        file: std::fs::File,
+        state: Vec<u8>,
+        checksum: u64,
+    },
 }
 
 impl Body {
-    fn parts(&self) -> (&[u8], &[u8], &[u8]) {
+    fn index_bytes(&self) -> &[u8] {
         match self {
-            Body::Slot(s) => (s.index_bytes(), s.data(), s.state()),
-            Body::Buffer { bytes, pages } => {
-                let (index, rest) = bytes.split_at(pages * 8);
-                let (data, state) = rest.split_at(pages * 4096);
-                (index, data, state)
-            }
+            Body::Slot(s) => s.index_bytes(),
+            Body::Spilled { index, .. } => index,
+        }
+    }
+
+    fn state(&self) -> &[u8] {
+        match self {
+            Body::Slot(s) => s.state(),
+            Body::Spilled { state, .. } => state,
         }
     }
 
     fn index(&self) -> Vec<u64> {
-        self.parts()
-            .0
+        self.index_bytes()
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect()
     }
 
     fn checksum(&self) -> u64 {
-        let (i, d, s) = self.parts();
-        wire::checksum(&[i, d, s])
+        match self {
+            Body::Slot(s) => wire::checksum(&[s.index_bytes(), s.data(), s.state()]),
+            Body::Spilled { checksum, .. } => *checksum,
+        }
     }
+}
+
+/// Receives an epoch larger than a slot: index and state into memory (8 bytes a page, and at
+/// most `MAX_STATE_LEN`), pages through a 1 MiB buffer into an unlinked temporary file,
+/// hashing as they pass.
+fn spill(
+    reader: &mut FrameReader<Rx>,
+    header: EpochHeader,
+    idle: &mut dyn FnMut(Instant) -> Result<(), String>,
+) -> Result<Body, StandbyError> {
+    let pages = header.page_count as usize;
+    let fail = |e: std::io::Error| StandbyError::Spill {
+        epoch: header.epoch,
+        source: e,
+    };
+    let path = std::env::temp_dir().join(format!(
+        "rmc-standby-{}-epoch-{}",
+        std::process::id(),
+        header.epoch
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(fail)?;
+    // Unlinked at once: the pages vanish with the file handle, whatever happens.
+    std::fs::remove_file(&path).map_err(fail)?;
+    let mut hash = wire::Hasher::new();
+    let mut index = vec![0u8; pages * 8];
+    reader.read_full(&mut index, "an epoch's page index", idle)?;
+    hash.update(&index);
+    let mut chunk = vec![0u8; 256 * 4096];
+    let mut left = pages * 4096;
+    let mut at = 0u64;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        reader.read_full(&mut chunk[..n], "an epoch's page data", idle)?;
+        hash.update(&chunk[..n]);
+        std::os::unix::fs::FileExt::write_all_at(&file, &chunk[..n], at).map_err(fail)?;
+        at += n as u64;
+        left -= n;
+    }
+    let mut state = vec![0u8; header.state_len as usize];
+    reader.read_full(&mut state, "an epoch's state", idle)?;
+    hash.update(&state);
+    Ok(Body::Spilled {
+        index,
+        file,
+        state,
+        checksum: hash.finish(),
+    })
 }
 
 /// While a read waits: give up when the primary went silent (heartbeats go out from their
@@ -808,12 +866,13 @@ fn idler(core: &mut StandbyCore) -> impl FnMut(Instant) -> Result<(), String> + 
     }
 }
 
-/// Sends a heartbeat every interval once `accepted` is set, until `beating` is cleared or a
-/// send fails (the session's reads then see the failure too).
+/// Sends a heartbeat whenever nothing was sent for an interval (`sent` counts the other
+/// messages; 0 until the Accept is out), until `beating` is cleared or a send fails (the
+/// session then sees the failure too).
 fn spawn_heartbeat(
     writer: Arc<Mutex<FrameWriter<Tx>>>,
     beating: Arc<AtomicBool>,
-    accepted: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
     hb: Heartbeat,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
@@ -822,9 +881,17 @@ fn spawn_heartbeat(
             let mut seq = 0u64;
             let tick = (hb.interval / 4).max(Duration::from_millis(1));
             let mut next = Instant::now() + hb.interval;
+            let mut seen = 0;
             while beating.load(Ordering::Acquire) {
                 std::thread::sleep(tick);
-                if Instant::now() < next || !accepted.load(Ordering::Acquire) {
+                let now_sent = sent.load(Ordering::Acquire);
+                if now_sent != seen {
+                    // Something else went out: the primary heard from us.
+                    seen = now_sent;
+                    next = Instant::now() + hb.interval;
+                    continue;
+                }
+                if now_sent == 0 || Instant::now() < next {
                     continue;
                 }
                 seq += 1;

@@ -827,11 +827,45 @@ pub fn validate_index(index: &[u64], layout: &Layout) -> Result<(), WireError> {
 /// The checksum of an epoch body: xxh3-64 over the concatenation of `parts` (index bytes,
 /// page data, state blob), computed without concatenating them.
 pub fn checksum(parts: &[&[u8]]) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut h = Hasher::new();
     for p in parts {
         h.update(p);
     }
-    h.digest()
+    h.finish()
+}
+
+/// The epoch checksum computed piece by piece: the same value as [`checksum`] of the pieces
+/// in order, for a body that is never in memory whole.
+#[derive(Clone)]
+pub struct Hasher(xxhash_rust::xxh3::Xxh3);
+
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hasher").finish_non_exhaustive()
+    }
+}
+
+impl Default for Hasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Hasher {
+    /// An empty checksum.
+    pub fn new() -> Self {
+        Hasher(xxhash_rust::xxh3::Xxh3::new())
+    }
+
+    /// Adds the next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The checksum of everything added.
+    pub fn finish(&self) -> u64 {
+        self.0.digest()
+    }
 }
 
 /// Mutual challenge/response authentication with a shared secret (HMAC-SHA256). The secret
