@@ -458,14 +458,7 @@ impl Standby {
             sent.clone(),
             self.config.heartbeat,
         );
-        let result = self.serve_session(
-            &mut reader,
-            &writer,
-            &mut core,
-            &layout,
-            &sent,
-            progress,
-        );
+        let result = self.serve_session(&mut reader, &writer, &mut core, &layout, &sent, progress);
         if let Err(e) = &result {
             if e.refusable() {
                 let _ = writer.lock().send(&Message::Refuse {
