@@ -1,11 +1,15 @@
 //! The standby: receives epochs, verifies them and applies them to its backup of the guest.
 //!
-//! For each epoch: the header is checked against the agreed layout (StandbyCore), the body is
-//! read straight into a staging slot (or, for an epoch larger than a slot, into a buffer of its
-//! exact size), the page index is validated (aligned, inside guest memory, ascending), the body
-//! is hashed, and only when the commit arrives and its checksum matches is the epoch applied to
-//! the backup and acknowledged. A connection that ends or misbehaves at any point leaves the
-//! backup as it was after the last applied epoch; the standby then accepts a new connection.
+//! Connections are accepted and authenticated on threads of their own, each within a hard
+//! deadline (see [`Standby`]); only an authenticated primary whose guest this host can hold
+//! becomes a session. For each epoch: the header is checked against the agreed layout
+//! (StandbyCore), the body is read straight into a staging slot (or, for an epoch larger than
+//! a slot, through an unlinked temporary file), the page index is validated (aligned, inside
+//! guest memory, ascending), the body is hashed, and only when the commit arrives, its
+//! checksum matches and (for a checkpoint) its state is restorable ([`RestoreCheck`]) is the
+//! epoch applied to the backup and acknowledged. A connection that ends or misbehaves at any
+//! point leaves the backup as it was after the last applied epoch, and is told why with a
+//! `Refuse` when the fault was the peer's. Heartbeats go out from a thread of their own.
 //!
 //! The backup is guest memory (vm-memory, the same type the VMM uses, so a VM can later run on
 //! it directly) plus the state blob of the last checkpoint epoch. Sync epochs (the initial full
