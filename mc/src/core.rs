@@ -25,6 +25,9 @@ use rmc_transport::wire::{
     PROTOCOL_VERSION,
 };
 
+/// Epoch numbers stay below this (the primary refuses a standby that says it applied more).
+pub const MAX_EPOCH: u64 = 1 << 63;
+
 /// Heartbeat settings shared by both sides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -341,6 +344,14 @@ impl<T> PrimaryCore<T> {
                 }))
             }
             (PrimaryPhase::AwaitAccept, Message::Accept { last_applied }) => {
+                // Epoch numbers count up from the standby's last applied one; one so large
+                // that they would overflow (2^63 epochs are millions of years) is hostile.
+                if last_applied >= MAX_EPOCH {
+                    return Err(ProtocolError::Wire(WireError::Field {
+                        field: "accepted epoch",
+                        value: format!("{last_applied} (at most {})", MAX_EPOCH - 1),
+                    }));
+                }
                 self.phase = PrimaryPhase::Established;
                 self.next_epoch = last_applied + 1;
                 self.last_acked = last_applied;
@@ -1183,6 +1194,36 @@ mod tests {
         }
         .accepts(&layout())
         .is_ok());
+    }
+
+    #[test]
+    fn an_accept_near_the_end_of_epoch_numbers_is_refused() {
+        let now = Instant::now();
+        for last in [u64::MAX, u64::MAX - 1, MAX_EPOCH] {
+            let (mut p, hello) =
+                PrimaryCore::<u32>::new(SECRET, layout(), [1; 32], Heartbeat::default(), now);
+            let mut s =
+                StandbyCore::new(SECRET, LayoutRule::default(), 0, Heartbeat::default(), now);
+            let StandbyAction::Send(c) = s.on_message(hello, [2; 32], now).unwrap() else {
+                panic!()
+            };
+            let PrimaryAction::Send(_) = p.on_message(c, now).unwrap() else {
+                panic!()
+            };
+            let err = p
+                .on_message(Message::Accept { last_applied: last }, now)
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ProtocolError::Wire(WireError::Field {
+                        field: "accepted epoch",
+                        ..
+                    })
+                ),
+                "{err:?}"
+            );
+        }
     }
 
     #[test]
