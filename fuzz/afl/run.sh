@@ -6,7 +6,8 @@
 # Builds the harness (fuzz/afl, instrumented, into target/afl), starts from the committed
 # corpus fuzz/corpus/TARGET plus fresh seeds, runs AFL++ for about EXECS executions (default
 # 10,500,000) into target/afl-out/TARGET, prints its figures, then minimizes the queue
-# (afl-cmin) back into fuzz/corpus/TARGET. Exits 1 if AFL++ saved a crash (they are in
+# (afl-cmin -e: the fewest inputs that keep every edge, hit counts ignored, so the committed
+# corpus stays at about a hundred small files) back into fuzz/corpus/TARGET. Exits 1 if AFL++ saved a crash (they are in
 # target/afl-out/TARGET/default/crashes; reproduce with `target/afl/release/TARGET < FILE`).
 # One target at a time per core: the machines have two.
 set -euo pipefail
@@ -33,11 +34,16 @@ grep -E 'run_time|execs_done|execs_per_sec|corpus_count|saved_crashes' "$out/def
 afl_bin=$(ls -td "$HOME"/.local/share/afl.rs/rustc-*/afl.rs-*/afl/bin | head -1)
 min=target/afl-min/$t
 rm -rf "$min"
-PATH="$afl_bin:$PATH" afl-cmin.bash -i "$out/default/queue" -o "$min" -- "$bin" \
+PATH="$afl_bin:$PATH" afl-cmin.bash -e -i "$out/default/queue" -o "$min" -- "$bin" \
     > target/afl-out/$t.cmin.log 2>&1 || { tail -5 target/afl-out/$t.cmin.log; exit 1; }
-rm -f fuzz/corpus/"$t"/*
+# Files named by hash are replaced; named ones (reproducers of fixed bugs) stay.
+find "fuzz/corpus/$t" -type f -regextype posix-egrep -regex '.*/[0-9a-f]{16}' -delete
 for f in "$min"/*; do
-    cp "$f" "fuzz/corpus/$t/$(sha1sum "$f" | cut -c1-16)"
+    kept=no
+    for n in "fuzz/corpus/$t"/*; do
+        if [ -f "$n" ] && cmp -s "$f" "$n"; then kept=yes; fi
+    done
+    [ $kept = yes ] || cp "$f" "fuzz/corpus/$t/$(sha1sum "$f" | cut -c1-16)"
 done
 echo "fuzz/corpus/$t: $(ls "fuzz/corpus/$t" | wc -l) files, $(du -sh "fuzz/corpus/$t" | cut -f1)"
 
