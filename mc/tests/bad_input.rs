@@ -228,21 +228,7 @@ fn send_delivered(p: &mut Peer, bytes: &[u8]) {
 
 /// Completes the handshake with `secret` and `layout`; returns the standby's last applied epoch.
 fn handshake(p: &mut Peer, secret: &[u8], layout: Layout) -> u64 {
-    let nonce = auth::nonce();
-    p.w.send(&Message::Hello {
-        version: PROTOCOL_VERSION,
-        nonce,
-    })
-    .unwrap();
-    let Message::Challenge { nonce: c, .. } = next(p) else {
-        panic!("expected a challenge")
-    };
-    p.w.send(&Message::Auth {
-        proof: auth::primary_proof(secret, &c, &nonce),
-        layout,
-    })
-    .unwrap();
-    let last = match next(p) {
+    let last = match offer_with(p, secret, layout) {
         Message::Accept { last_applied } => last_applied,
         other => panic!("expected accept, got {other:?}"),
     };
@@ -933,6 +919,11 @@ fn rdma_queue_pair_forced_into_error() {
 
 /// Sends a Hello and an Auth with `layout`; returns what the standby answered the Auth with.
 fn offer(p: &mut Peer, layout: Layout) -> Message {
+    offer_with(p, SECRET, layout)
+}
+
+/// [`offer`] proving `secret`.
+fn offer_with(p: &mut Peer, secret: &[u8], layout: Layout) -> Message {
     let nonce = auth::nonce();
     p.w.send(&Message::Hello {
         version: PROTOCOL_VERSION,
@@ -943,7 +934,7 @@ fn offer(p: &mut Peer, layout: Layout) -> Message {
         panic!("expected a challenge")
     };
     p.w.send(&Message::Auth {
-        proof: auth::primary_proof(SECRET, &c, &nonce),
+        proof: auth::primary_proof(secret, &c, &nonce),
         layout,
     })
     .unwrap();

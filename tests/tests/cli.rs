@@ -226,6 +226,11 @@ impl Standby {
 
 /// Starts `rmc standby` serving `sessions` connections.
 fn start_standby(secret: &std::path::Path, sessions: u32) -> Standby {
+    start_standby_with(secret, sessions, &[])
+}
+
+/// [`start_standby`] with `extra` options.
+fn start_standby_with(secret: &std::path::Path, sessions: u32, extra: &[&str]) -> Standby {
     let mut child = Command::new(rmc_bin())
         .args([
             "standby",
@@ -237,6 +242,7 @@ fn start_standby(secret: &std::path::Path, sessions: u32) -> Standby {
         ])
         .arg(sessions.to_string())
         .args(HEARTBEAT)
+        .args(extra)
         .arg("--secret-file")
         .arg(secret)
         .stdout(Stdio::piped())
@@ -421,29 +427,11 @@ fn unauthenticated_peers_neither_fail_over_nor_keep_a_primary_out() {
     }
     let dir = secret_dir();
     let secret = secret_file(dir.path(), "secret", "the secret of the hostile-peer test");
-    let mut child = Command::new(rmc_bin())
-        .args(["standby", "--listen", "127.0.0.1:0", "--log", "warn"])
-        .args(["--sessions", "2", "--service-addr", "primary"])
-        .args(["--handshake-timeout", "2"])
-        .args(HEARTBEAT)
-        .arg("--secret-file")
-        .arg(&secret)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start rmc standby");
-    let out = line_channel(child.stdout.take().unwrap());
-    let mut standby = Standby {
-        proc: Killed(child),
-        addr: String::new(),
-        out,
-    };
-    let line = next_line_within(&standby.out, UP, "rmc standby");
-    standby.addr = line
-        .trim()
-        .strip_prefix("rmc: standby listening on tcp ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let standby = start_standby_with(
+        &secret,
+        2,
+        &["--service-addr", "primary", "--handshake-timeout", "2"],
+    );
     // A primary protects, then ends protection on purpose.
     protect_briefly(&standby.addr, &secret);
     let ended = wait_for_line(&standby.out, "rmc: session with ", UP, "rmc standby");
