@@ -975,12 +975,9 @@ fn state_encoding_this_standby_cannot_restore() {
 /// The VMM's own limits (here: one vCPU), checked at the handshake of a fresh standby.
 #[test]
 fn a_guest_this_host_cannot_build() {
-    let t = transport();
-    let mut sb = standby(t);
-    let refusals = sb.refusals().unwrap();
-    let mut p = connect(sb.local_addr(), t);
-    let reply = offer(
-        &mut p,
+    let (reply, error) = offer_to_a_fresh_standby(
+        transport(),
+        config(),
         Layout {
             vcpus: 2,
             ..layout()
@@ -990,49 +987,55 @@ fn a_guest_this_host_cannot_build() {
         matches!(&reply, Message::Refuse { reason } if reason.ends_with("2 vCPUs (this host builds 1)")),
         "{reply:?}"
     );
-    let r = refusals.recv_timeout(HANG_GUARD).unwrap();
     assert!(
-        matches!(&r.error, StandbyError::NotBuildable(why) if why == "2 vCPUs (this host builds 1)"),
-        "{:?}",
-        r.error
+        matches!(&error, StandbyError::NotBuildable(why) if why == "2 vCPUs (this host builds 1)"),
+        "{error:?}"
     );
+}
+
+/// Offers `layout` to a new standby with `config`; returns the standby's answer and the error
+/// it refused the connection with, after checking it allocated nothing for it.
+fn offer_to_a_fresh_standby(
+    t: Transport,
+    config: StandbyConfig,
+    layout: Layout,
+) -> (Message, StandbyError) {
+    let mut sb = standby_with(t, config);
+    let refusals = sb.refusals().unwrap();
+    let mut p = connect(sb.local_addr(), t);
+    let reply = offer(&mut p, layout);
+    let r = refusals
+        .recv_timeout(HANG_GUARD)
+        .expect("a refusal (hang guard, not a speed requirement)");
     assert!(
         sb.backup().is_none(),
         "nothing allocated for a refused guest"
     );
+    (reply, r.error)
 }
 
 /// A standby without `--memory` still refuses a guest larger than this host's memory, before
 /// allocating anything for it.
 #[test]
 fn a_guest_larger_than_this_host_is_refused() {
-    let mut sb = standby_with(
+    let (reply, error) = offer_to_a_fresh_standby(
         Transport::Tcp,
         StandbyConfig {
             memory_bytes: None,
             ..config()
         },
+        Layout {
+            regions: vec![(0, 1 << 39)],
+            ..layout()
+        },
     );
-    let refusals = sb.refusals().unwrap();
-    let mut p = connect(sb.local_addr(), Transport::Tcp);
-    let huge = Layout {
-        regions: vec![(0, 1 << 39)],
-        ..layout()
-    };
-    let reply = offer(&mut p, huge);
     assert!(
         matches!(&reply, Message::Refuse { reason } if reason.contains("more than this host's")),
         "{reply:?}"
     );
-    let r = refusals.recv_timeout(HANG_GUARD).unwrap();
     assert!(
-        matches!(r.error, StandbyError::Protocol(ProtocolError::TooLarge { need, .. }) if need >= 512 << 10),
-        "{:?}",
-        r.error
-    );
-    assert!(
-        sb.backup().is_none(),
-        "nothing allocated for a refused guest"
+        matches!(error, StandbyError::Protocol(ProtocolError::TooLarge { need, .. }) if need >= 512 << 10),
+        "{error:?}"
     );
 }
 
