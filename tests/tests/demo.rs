@@ -61,13 +61,17 @@ fn demo_reports_output_released_before_its_ack() {
     if !kvm_available("demo_reports_output_released_before_its_ack") {
         return;
     }
+    // A kill can land where no released reply is missing from the standby's checkpoint (the
+    // primary paused for a checkpoint that then reaches the standby whole): that trial is
+    // rightly consistent. So up to five trials, each killing at another moment; the demo
+    // stops at the first contradiction, and with output released early one must come.
     for clients in ["1", "3"] {
         let out = output_within(
             Command::new(rmc_bin())
                 .args([
                     "demo",
                     "--trials",
-                    "1",
+                    "5",
                     "--memory",
                     "64M",
                     "--kill-after",
@@ -80,7 +84,7 @@ fn demo_reports_output_released_before_its_ack() {
                     "release-before-ack",
                 ])
                 .args(HEARTBEAT),
-            Duration::from_secs(120),
+            Duration::from_secs(300),
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -90,10 +94,12 @@ fn demo_reports_output_released_before_its_ack() {
             "{clients} client(s): the broken guarantee went unnoticed:\n{stdout}{stderr}"
         );
         assert!(
-            stdout.contains("rmc demo: trial 1 FAILED: INCONSISTENT: ")
+            stdout
+                .lines()
+                .any(|l| l.starts_with("rmc demo: trial ") && l.contains(" FAILED: INCONSISTENT: "))
                 && stdout.contains("the service went back in time"),
             "{clients} client(s): not reported as a contradiction:\n{stdout}{stderr}"
         );
-        assert!(!stdout.contains("; consistent"), "{stdout}");
+        assert!(!stdout.contains("all consistent"), "{stdout}");
     }
 }
