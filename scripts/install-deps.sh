@@ -10,7 +10,9 @@ packages=(gcc libc6-dev make pkg-config iproute2 procps
     libibverbs-dev librdmacm-dev libclang-dev
     # The Soft-RoCE VM of soft-roce/run-in-vm.sh (the host kernel has no RDMA stack).
     qemu-system-x86 linux-image-amd64 busybox-static
-    rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils)
+    rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils
+    # The arbiter that fences primaries (--arbiter etcd://...): tests start a real etcd.
+    etcd-server)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -35,6 +35,7 @@ fn messages() -> Vec<Message> {
         Message::Auth {
             proof: [6; 32],
             layout,
+            fence: 0,
         },
         Message::Accept { last_applied: 7 },
         Message::Refuse {

@@ -318,9 +318,15 @@ impl Session {
                 }
                 // Only now, the standby proven, the primary proves itself and shows its layout.
                 match got {
-                    Ok(PrimaryAction::Send(Message::Auth { proof, layout })) => {
+                    Ok(PrimaryAction::Send(Message::Auth {
+                        proof,
+                        layout,
+                        fence,
+                    })) => {
                         assert_eq!(proof, auth::primary_proof(SECRET, nonce, &self.hello_nonce));
                         assert_eq!(layout, self.layout);
+                        // No fence was set on this core.
+                        assert_eq!(fence, 0);
                     }
                     other => panic!("challenge answered with {other:?}"),
                 }

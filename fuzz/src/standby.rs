@@ -252,7 +252,15 @@ impl Session {
                     _ => u.arr32(),
                 };
                 let layout = gen::layout(u);
-                self.feed(Message::Auth { proof, layout }, u)
+                let fence = u.u64_edge();
+                self.feed(
+                    Message::Auth {
+                        proof,
+                        layout,
+                        fence,
+                    },
+                    u,
+                )
             }
             2 => {
                 let total = self.m.layout.as_ref().map_or(0, |l| l.total_pages());
@@ -368,7 +376,15 @@ impl Session {
                     }
                     _ => {}
                 }
-                self.feed(Message::Auth { proof, layout }, u)
+                let fence = u.u64_edge();
+                self.feed(
+                    Message::Auth {
+                        proof,
+                        layout,
+                        fence,
+                    },
+                    u,
+                )
             }
             Phase::Idle => match u.u8() % 32 {
                 0 => self.feed(
@@ -550,7 +566,14 @@ impl Session {
                     }),
                 )
             }
-            (Phase::AwaitAuth { hello, challenge }, Message::Auth { proof, layout }) => {
+            (
+                Phase::AwaitAuth { hello, challenge },
+                Message::Auth {
+                    proof,
+                    layout,
+                    fence,
+                },
+            ) => {
                 // Authentication first: nothing of an unauthenticated peer is looked at.
                 if *proof != auth::primary_proof(SECRET, challenge, hello) {
                     return (Err(ProtocolError::AuthFailed { peer: "primary" }), None);
@@ -600,6 +623,8 @@ impl Session {
                 (
                     Ok(StandbyAction::Established {
                         layout: layout.clone(),
+                        fence: *fence,
+                        session: *hello,
                         accept: Message::Accept {
                             last_applied: self.m.last_applied,
                         },

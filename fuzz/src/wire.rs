@@ -182,6 +182,7 @@ pub(crate) fn arbitrary_message(u: &mut Input) -> Message {
         2 => Message::Auth {
             proof: u.arr32(),
             layout: gen::layout(u),
+            fence: u.u64_edge(),
         },
         3 => Message::Accept {
             last_applied: u.u64_edge(),

@@ -280,6 +280,7 @@ pub struct PrimaryCore<T> {
     secret: Vec<u8>,
     layout: Layout,
     hello_nonce: [u8; NONCE_LEN],
+    fence: u64,
     phase: PrimaryPhase,
     next_epoch: u64,
     last_acked: u64,
@@ -300,6 +301,7 @@ impl<T> PrimaryCore<T> {
             secret: secret.to_vec(),
             layout,
             hello_nonce,
+            fence: 0,
             phase: PrimaryPhase::AwaitChallenge,
             next_epoch: 1,
             last_acked: 0,
@@ -311,6 +313,18 @@ impl<T> PrimaryCore<T> {
             nonce: hello_nonce,
         };
         (core, hello)
+    }
+
+    /// Sets the fencing token sent in `Auth` (the arbiter's revision of the primary key this
+    /// primary holds; 0, the default, without an arbiter). Call before the handshake.
+    pub fn set_fence(&mut self, fence: u64) {
+        self.fence = fence;
+    }
+
+    /// The session token: this primary's Hello nonce, which the standby learns too. The
+    /// arbiter records it as the standby whose backup is current.
+    pub fn session(&self) -> [u8; NONCE_LEN] {
+        self.hello_nonce
     }
 
     /// Whether the handshake completed.
@@ -341,6 +355,7 @@ impl<T> PrimaryCore<T> {
                 Ok(PrimaryAction::Send(Message::Auth {
                     proof: auth::primary_proof(&self.secret, &nonce, &self.hello_nonce),
                     layout: self.layout.clone(),
+                    fence: self.fence,
                 }))
             }
             (PrimaryPhase::AwaitAccept, Message::Accept { last_applied }) => {
@@ -466,6 +481,10 @@ pub enum StandbyAction {
     Established {
         /// The agreed layout.
         layout: Layout,
+        /// The primary's fencing token (see [`Message::Auth`]).
+        fence: u64,
+        /// The session token: the primary's Hello nonce.
+        session: [u8; NONCE_LEN],
         /// The Accept to send.
         accept: Message,
     },
@@ -680,7 +699,15 @@ impl StandbyCore {
                     proof,
                 }))
             }
-            (StandbyPhase::AwaitAuth { hello_nonce, nonce }, Message::Auth { proof, layout }) => {
+            (
+                StandbyPhase::AwaitAuth { hello_nonce, nonce },
+                Message::Auth {
+                    proof,
+                    layout,
+                    fence,
+                },
+            ) => {
+                let session = *hello_nonce;
                 let expected = auth::primary_proof(&self.secret, nonce, hello_nonce);
                 if !auth::proofs_equal(&expected, &proof) {
                     return Err(ProtocolError::AuthFailed { peer: "primary" });
@@ -691,6 +718,8 @@ impl StandbyCore {
                 self.layout = Some(layout.clone());
                 Ok(StandbyAction::Established {
                     layout,
+                    fence,
+                    session,
                     accept: Message::Accept {
                         last_applied: self.last_applied,
                     },
@@ -844,6 +873,7 @@ mod tests {
     /// Runs the handshake between a primary and a standby core; returns both established.
     fn pair(now: Instant) -> (PrimaryCore<u32>, StandbyCore) {
         let (mut p, hello) = PrimaryCore::new(SECRET, layout(), [1; 32], Heartbeat::default(), now);
+        p.set_fence(0x5eed);
         let mut s = StandbyCore::new(SECRET, LayoutRule::default(), 0, Heartbeat::default(), now);
         let StandbyAction::Send(challenge) = s.on_message(hello, [2; 32], now).unwrap() else {
             panic!("standby must answer a hello with a challenge")
@@ -851,12 +881,19 @@ mod tests {
         let PrimaryAction::Send(auth) = p.on_message(challenge, now).unwrap() else {
             panic!("primary must answer a valid challenge with auth")
         };
-        let StandbyAction::Established { accept, layout: l } =
-            s.on_message(auth, [0; 32], now).unwrap()
+        let StandbyAction::Established {
+            accept,
+            layout: l,
+            fence,
+            session,
+        } = s.on_message(auth, [0; 32], now).unwrap()
         else {
             panic!("standby must accept")
         };
         assert_eq!(l, layout());
+        // The fencing token and the session token reach the standby as the primary has them.
+        assert_eq!(fence, 0x5eed);
+        assert_eq!(session, p.session());
         assert!(matches!(
             p.on_message(accept, now).unwrap(),
             PrimaryAction::Established { last_applied: 0 }
@@ -1117,6 +1154,7 @@ mod tests {
         let forged = Message::Auth {
             proof: auth::primary_proof(SECRET, &[9; 32], &[1; 32]),
             layout: layout(),
+            fence: 0,
         };
         assert_eq!(
             s.on_message(forged, [0; 32], now).unwrap_err(),

@@ -47,6 +47,18 @@ const SYNC_CHUNK_PAGES: usize = 8192;
 /// `MAX_SYNC_ROUNDS` rounds.
 const MAX_SYNC_ROUNDS: usize = 8;
 
+/// Fencing on the primary's side (the arbiter, seen from the protocol).
+pub trait Fencing: Send + Sync + std::fmt::Debug {
+    /// The fencing token stamped into the handshake: the arbiter's revision of the primary
+    /// key this primary holds.
+    fn fence(&self) -> u64;
+    /// The standby of session `token` (hex of the primary's Hello nonce) now holds a
+    /// consistent checkpoint: record it as the one that may take over. Called before the
+    /// first output of a session is released; an error keeps the output held and ends the
+    /// session.
+    fn standby_current(&self, token: &str) -> Result<(), String>;
+}
+
 /// Primary settings.
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
@@ -75,6 +87,8 @@ pub struct PrimaryConfig {
     /// slots first (and registers them for RDMA), which for a large guest on a busy machine
     /// takes seconds.
     pub handshake_timeout: Duration,
+    /// The arbiter (`None`: no fencing).
+    pub fencing: Option<Arc<dyn Fencing>>,
 }
 
 impl PrimaryConfig {
@@ -94,6 +108,7 @@ impl PrimaryConfig {
             summary_every: Duration::from_secs(5),
             protect_for: None,
             handshake_timeout: Duration::from_secs(30),
+            fencing: None,
         }
     }
 }
@@ -113,6 +128,9 @@ pub enum PrimaryError {
     /// Staging failed.
     #[error(transparent)]
     Staging(#[from] StagingError),
+    /// The arbiter could not record the standby as current: its output stays held.
+    #[error("The arbiter could not record the standby as current: {0}")]
+    Fence(String),
 }
 
 /// Figures of a protection run.
@@ -228,6 +246,10 @@ pub struct Primary<'g, G: Guest> {
     pending: DirtySet,
     /// Checkpoints acknowledged so far (readable while `run` goes on).
     acked: Arc<AtomicU64>,
+    /// This session's token (the Hello nonce, hex).
+    token: String,
+    /// Whether the arbiter records this session's standby as current.
+    marked: bool,
 }
 
 impl<G: Guest> std::fmt::Debug for Primary<'_, G> {
@@ -267,6 +289,10 @@ impl<'g, G: Guest> Primary<'g, G> {
         let now = Instant::now();
         let (mut core, hello) =
             PrimaryCore::new(&config.secret, layout, auth::nonce(), config.heartbeat, now);
+        if let Some(f) = &config.fencing {
+            core.set_fence(f.fence());
+        }
+        let token = core.session().iter().map(|b| format!("{b:02x}")).collect();
         writer.send(&hello)?;
         let limit = config.handshake_timeout;
         let deadline = now + limit;
@@ -331,6 +357,8 @@ impl<'g, G: Guest> Primary<'g, G> {
             stats: PrimaryStats::new(),
             pending: DirtySet::empty(&guest.regions()),
             acked: Arc::new(AtomicU64::new(0)),
+            token,
+            marked: false,
         })
     }
 
@@ -718,18 +746,23 @@ impl<'g, G: Guest> Primary<'g, G> {
                 Event::Message(m) => {
                     let now = Instant::now();
                     if let PrimaryAction::Acked(done) = self.core.on_message(m, now)? {
-                        self.acked(done, now);
+                        self.acked(done, now)?;
                     }
                 }
             }
         }
         if let Some(hb) = self.core.tick(Instant::now())? {
-            self.writer.lock().send(&hb)?;
+            // Never wait for the writer: the sender thread may hold it for a whole epoch (and
+            // its bytes are traffic the standby sees anyway). A standby that went silent is
+            // noticed by `tick` above whatever a send is doing.
+            if let Some(mut w) = self.writer.try_lock() {
+                w.send(&hb)?;
+            }
         }
         Ok(())
     }
 
-    fn acked(&mut self, done: Vec<InFlight<Payload>>, now: Instant) {
+    fn acked(&mut self, done: Vec<InFlight<Payload>>, now: Instant) -> Result<(), PrimaryError> {
         for f in done {
             debug!(
                 epoch = f.epoch,
@@ -752,7 +785,20 @@ impl<'g, G: Guest> Primary<'g, G> {
             self.stats.last_acked = f.epoch;
             // Dropping the payload releases its slot (once the sender is done with it too).
         }
-        self.guest.release_output(self.core.last_acked());
+        if self.stats.checkpoints_acked > 0 && !self.marked {
+            // The standby holds a consistent checkpoint: with an arbiter, it becomes the one
+            // that may take over before any output of this session leaves.
+            if let Some(f) = &self.config.fencing {
+                f.standby_current(&self.token)
+                    .map_err(PrimaryError::Fence)?;
+                info!(token = %self.token, "the arbiter records this standby as current");
+            }
+            self.marked = true;
+        }
+        if self.marked {
+            self.guest.release_output(self.core.last_acked());
+        }
+        Ok(())
     }
 
     fn drain_acks(&mut self, timeout: Duration) -> Result<(), PrimaryError> {

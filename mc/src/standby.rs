@@ -56,6 +56,15 @@ pub trait RestoreCheck: Send + Sync + std::fmt::Debug {
     fn check_state(&self, state: &[u8], layout: &Layout) -> Result<(), String>;
 }
 
+/// Fencing on the standby's side: only the primary that holds the arbiter's primary key may
+/// protect this standby (a primary that was frozen or cut off while another took over is
+/// refused at the handshake).
+pub trait FenceCheck: Send + Sync + std::fmt::Debug {
+    /// Whether a primary presenting the fencing token `fence` (its revision of the arbiter's
+    /// primary key; 0 without an arbiter) is the current primary. `Err`: why not.
+    fn check_primary(&self, fence: u64) -> Result<(), String>;
+}
+
 /// Standby settings.
 #[derive(Debug, Clone)]
 pub struct StandbyConfig {
@@ -74,6 +83,8 @@ pub struct StandbyConfig {
     /// Connections handshaking at once; a new one beyond that cuts the oldest (so a flood of
     /// idle connections cannot keep a primary out for longer than its own handshake takes).
     pub max_pending: usize,
+    /// Which primaries the arbiter allows (`None`: any that authenticates).
+    pub fencing: Option<Arc<dyn FenceCheck>>,
 }
 
 impl Default for StandbyConfig {
@@ -85,6 +96,7 @@ impl Default for StandbyConfig {
             restore: None,
             handshake_timeout: Duration::from_secs(5),
             max_pending: 16,
+            fencing: None,
         }
     }
 }
@@ -161,6 +173,10 @@ pub enum StandbyError {
     /// The primary's guest cannot be built on this host.
     #[error("The primary's guest cannot run on this host: {0}")]
     NotBuildable(String),
+    /// The primary is not the one the arbiter names (a stale primary, or one without an
+    /// arbiter connecting to a fenced standby).
+    #[error("Refused by fencing: {0}")]
+    Fenced(String),
     /// A checkpoint that arrived whole and verified, but could not become a running VM: it
     /// is refused and not acknowledged; the backup keeps the checkpoint before it.
     #[error("Checkpoint {epoch} cannot be restored: {reason}")]
@@ -224,6 +240,18 @@ pub struct Session {
     pub last_heard: Instant,
     /// When the standby declared the session over.
     pub ended: Instant,
+    /// The primary's fencing token (0: no arbiter).
+    pub fence: u64,
+    /// The session token (the primary's Hello nonce): the arbiter names the standby whose
+    /// backup is current by it.
+    pub token: [u8; NONCE_LEN],
+}
+
+impl Session {
+    /// The session token as lowercase hex (as the arbiter stores it).
+    pub fn token_hex(&self) -> String {
+        self.token.iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 impl Session {
@@ -309,6 +337,8 @@ struct Handshake {
     closer: Closer,
     core: StandbyCore,
     layout: Layout,
+    fence: u64,
+    token: [u8; NONCE_LEN],
 }
 
 impl std::fmt::Debug for Handshake {
@@ -418,6 +448,7 @@ impl Standby {
         })?;
         self.shared.serving.store(true, Ordering::Release);
         let peer = h.peer;
+        let (fence, token) = (h.fence, h.token);
         let mut progress = Progress {
             epochs: 0,
             last_heard: Instant::now(),
@@ -438,6 +469,8 @@ impl Standby {
             result,
             last_heard,
             ended,
+            fence,
+            token,
         })
     }
 
@@ -981,7 +1014,7 @@ fn refuse(refused: &SyncSender<Refusal>, peer: SocketAddr, error: StandbyError) 
 fn pre_auth_limit(ty: MsgType) -> u64 {
     match ty {
         MsgType::Hello => 8 + 2 + NONCE_LEN as u64,
-        MsgType::Auth => NONCE_LEN as u64 + 28 + 16 * 16,
+        MsgType::Auth => NONCE_LEN as u64 + 28 + 16 * 16 + 8,
         MsgType::Refuse => wire::MAX_REASON_LEN as u64,
         _ => 16,
     }
@@ -1039,13 +1072,15 @@ fn handshake(
         r => r,
     };
     match result {
-        Ok((core, layout)) => Ok(Handshake {
+        Ok((core, layout, fence, token)) => Ok(Handshake {
             peer,
             reader,
             writer,
             closer,
             core,
             layout,
+            fence,
+            token,
         }),
         Err(e) => {
             if e.refusable() {
@@ -1064,7 +1099,7 @@ fn authenticate(
     writer: &mut FrameWriter<Tx>,
     config: &StandbyConfig,
     shared: &Shared,
-) -> Result<(StandbyCore, Layout), StandbyError> {
+) -> Result<(StandbyCore, Layout, u64, [u8; NONCE_LEN]), StandbyError> {
     let rule = shared.rule.lock().clone();
     let mut core = StandbyCore::new(&config.secret, rule, 0, config.heartbeat, Instant::now());
     let mut idle = |_| Ok(());
@@ -1085,16 +1120,24 @@ fn authenticate(
         let msg = reader.read_message(h, &mut idle)?;
         match core.on_message(msg, auth::nonce(), Instant::now())? {
             StandbyAction::Send(m) => writer.send(&m)?,
-            StandbyAction::Established { layout, .. } => {
+            StandbyAction::Established {
+                layout,
+                fence,
+                session,
+                ..
+            } => {
                 if let Some(check) = &config.restore {
                     check
                         .check_layout(&layout)
                         .map_err(StandbyError::NotBuildable)?;
                 }
+                if let Some(f) = &config.fencing {
+                    f.check_primary(fence).map_err(StandbyError::Fenced)?;
+                }
                 if shared.serving.load(Ordering::Acquire) {
                     return Err(StandbyError::Busy);
                 }
-                return Ok((core, layout));
+                return Ok((core, layout, fence, session));
             }
             // Nothing else is allowed before the handshake completes (the core refuses it).
             _ => unreachable!("the core allows only the handshake here"),

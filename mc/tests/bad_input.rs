@@ -468,6 +468,7 @@ fn wrong_secret() {
             p.w.send(&Message::Auth {
                 proof,
                 layout: layout(),
+                fence: 0,
             })
             .unwrap();
             let why = refusal(p);
@@ -528,6 +529,7 @@ fn layout_mismatch() {
             p.w.send(&Message::Auth {
                 proof: auth::primary_proof(SECRET, &c, &nonce),
                 layout: l,
+                fence: 0,
             })
             .unwrap();
             let why = refusal(p);
@@ -936,6 +938,7 @@ fn offer_with(p: &mut Peer, secret: &[u8], layout: Layout) -> Message {
     p.w.send(&Message::Auth {
         proof: auth::primary_proof(secret, &c, &nonce),
         layout,
+        fence: 0,
     })
     .unwrap();
     next(p)

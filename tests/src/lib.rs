@@ -9,6 +9,10 @@
 //! - [`line_channel`] / [`forward_lines`] read a child's output on a thread, and
 //!   [`next_line_within`], [`wait_for_line`] and [`rest_within`] take lines from it with a
 //!   deadline.
+//!
+//! [`netns`] builds two "hosts" (network namespaces on a bridge) for fault trials.
+
+pub mod netns;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;

@@ -92,6 +92,7 @@ fn a_checkpoint_the_standby_cannot_restore_is_refused_never_acked() {
     w.send(&Message::Auth {
         proof: auth::primary_proof(SECRET.as_bytes(), &c, &nonce),
         layout,
+        fence: 0,
     })
     .unwrap();
     let answer = r.next_message(&mut hang_guard()).unwrap();

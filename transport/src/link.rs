@@ -225,9 +225,9 @@ impl Conn {
     }
 
     /// Splits into the reading and writing halves and a closer. Reads give `WouldBlock` (or
-    /// `TimedOut`) after `read_timeout` without data. On RDMA a send that must wait for the
-    /// peer's acknowledgements fails after `send_timeout` without any (TCP: the kernel's
-    /// socket buffers absorb that wait).
+    /// `TimedOut`) after `read_timeout` without data. A send fails after `send_timeout` without
+    /// progress: on TCP a write the peer takes no byte of for that long, on RDMA a send that
+    /// waits that long for the peer's acknowledgements.
     pub fn split(
         self,
         read_timeout: Duration,
@@ -241,6 +241,9 @@ impl Conn {
             Conn::Tcp(s) => {
                 tcp::configure(&s)?;
                 s.set_read_timeout(Some(read_timeout)).map_err(io)?;
+                // No write may block longer than this: a peer that stops reading (a host that
+                // went silent) fails the send instead of stalling the sender for good.
+                s.set_write_timeout(Some(send_timeout)).map_err(io)?;
                 let r = s.try_clone().map_err(io)?;
                 let w = s.try_clone().map_err(io)?;
                 Ok((Rx::Tcp(r), Tx::Tcp(w), Closer::Tcp(s)))

@@ -214,6 +214,7 @@ impl<W: Write> FrameWriter<W> {
         self.inner
             .write_all(&self.scratch)
             .and_then(|()| self.inner.flush())
+            .map_err(stalled)
             .map_err(|source| LinkError::Io { what, source })
     }
 
@@ -243,6 +244,7 @@ impl<W: Write> FrameWriter<W> {
         slices.push(IoSlice::new(tail));
         write_all_vectored(&mut self.inner, &mut slices)
             .and_then(|()| self.inner.flush())
+            .map_err(stalled)
             .map_err(|source| LinkError::Io {
                 what: "sending an epoch",
                 source,
@@ -254,10 +256,22 @@ impl<W: Write> FrameWriter<W> {
         let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
         write_all_vectored(&mut self.inner, &mut slices)
             .and_then(|()| self.inner.flush())
+            .map_err(stalled)
             .map_err(|source| LinkError::Io {
                 what: "sending an epoch",
                 source,
             })
+    }
+}
+
+/// A write that hit the socket's send timeout: say so instead of "try again".
+fn stalled(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer took no data for the whole send timeout (a silent or stalled host)",
+        ),
+        _ => e,
     }
 }
 

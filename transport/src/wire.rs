@@ -16,7 +16,7 @@
 //!    |---------------------------------------->|  version must match
 //!    |        Challenge(nonce_s, proof_s)      |  proof_s = HMAC(secret, "rmc standby v1" | nonce_p | nonce_s)
 //!    |<----------------------------------------|
-//!    | Auth(proof_p, layout)                   |  proof_p = HMAC(secret, "rmc primary v1" | nonce_s | nonce_p)
+//!    | Auth(proof_p, layout, fence)            |  proof_p = HMAC(secret, "rmc primary v1" | nonce_s | nonce_p)
 //!    |---------------------------------------->|  proof and layout checked
 //!    |        Accept(last_applied) | Refuse    |
 //!    |<----------------------------------------|
@@ -52,7 +52,7 @@
 //! ```text
 //! Hello       magic[8] | version u16 | nonce[32]                                  (42 bytes)
 //! Challenge   nonce[32] | proof[32]                                               (64)
-//! Auth        proof[32] | layout                                                  (32 + 28 + 16 x regions)
+//! Auth        proof[32] | layout | fence u64                                      (32 + 28 + 16 x regions + 8)
 //!   layout    page_size u32 | vcpus u32 | slot_pages u32 | slot_count u32 | features u32 |
 //!             state_version u32 | region_count u32 | region_count x (base u64 | len u64)
 //! Accept      last_applied u64                                                    (8)
@@ -83,8 +83,9 @@
 pub const FRAME_HEADER_LEN: usize = 16;
 /// First bytes of a Hello payload.
 pub const MAGIC: [u8; 8] = *b"RMC-MC\r\n";
-/// The protocol version this build speaks (2: the layout carries the state version).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The protocol version this build speaks (2: the layout carries the state version; 3: `Auth`
+/// carries the primary's fencing token).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest payload of any control message (everything but `EpochBody`).
 pub const MAX_CONTROL_LEN: u64 = 64 * 1024;
 /// Largest vCPU/device state blob of an epoch.
@@ -190,12 +191,15 @@ pub enum Message {
         /// `standby_proof(secret, hello.nonce, nonce)`.
         proof: [u8; NONCE_LEN],
     },
-    /// See [`MsgType::Auth`]. Payload: proof | layout.
+    /// See [`MsgType::Auth`]. Payload: proof | layout | fence.
     Auth {
         /// `primary_proof(secret, challenge.nonce, hello.nonce)`.
         proof: [u8; NONCE_LEN],
         /// Proposed layout.
         layout: Layout,
+        /// The primary's fencing token: the arbiter's revision of the primary key it holds
+        /// (0: no arbiter). A standby with an arbiter accepts only the current holder.
+        fence: u64,
     },
     /// See [`MsgType::Accept`]. Payload: last_applied u64.
     Accept {
@@ -386,7 +390,11 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             out.extend_from_slice(proof);
             MsgType::Challenge
         }
-        Message::Auth { proof, layout } => {
+        Message::Auth {
+            proof,
+            layout,
+            fence,
+        } => {
             out.extend_from_slice(proof);
             for v in [
                 layout.page_size,
@@ -403,6 +411,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
                 out.extend_from_slice(&b.to_le_bytes());
                 out.extend_from_slice(&l.to_le_bytes());
             }
+            out.extend_from_slice(&fence.to_le_bytes());
             MsgType::Auth
         }
         Message::Accept { last_applied } => {
@@ -571,8 +580,9 @@ pub fn decode(ty: MsgType, payload: &[u8]) -> Result<Message, WireError> {
                     value: format!("{count} (at most {MAX_REGIONS})"),
                 });
             }
-            c.exact(count as usize * 16)?;
+            c.exact(count as usize * 16 + 8)?;
             let regions = (0..count).map(|_| (c.u64(), c.u64())).collect();
+            let fence = c.u64();
             let layout = Layout {
                 page_size,
                 regions,
@@ -583,7 +593,11 @@ pub fn decode(ty: MsgType, payload: &[u8]) -> Result<Message, WireError> {
                 state_version,
             };
             layout.validate()?;
-            Message::Auth { proof, layout }
+            Message::Auth {
+                proof,
+                layout,
+                fence,
+            }
         }
         MsgType::Accept => {
             c.exact(8)?;
@@ -953,6 +967,7 @@ mod tests {
             Message::Auth {
                 proof: [6; NONCE_LEN],
                 layout: layout(),
+                fence: 0x0102_0304_0506_0708,
             },
             Message::Accept { last_applied: 77 },
             Message::Refuse {
@@ -1111,6 +1126,7 @@ mod tests {
         let mut a = frame(&Message::Auth {
             proof: [0; 32],
             layout: layout(),
+            fence: 0,
         });
         let count_at = FRAME_HEADER_LEN + 32 + 24;
         a[count_at..count_at + 4].copy_from_slice(&3u32.to_le_bytes());

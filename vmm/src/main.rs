@@ -11,6 +11,8 @@ use rmc_vmm::service::{Checker, Client};
 use rmc_vmm::{DirtierConfig, Vm, VmConfig, Workload};
 use tracing::info;
 
+mod fencing;
+
 /// rmc keeps a KVM virtual machine alive when its host dies, by shipping micro-checkpoints to
 /// a standby many times a second. `primary` runs a protected VM, `standby` receives its
 /// checkpoints, `run` runs the same VM unprotected, `client` talks to the guest's service.
@@ -95,6 +97,8 @@ struct PrimaryArgs {
     slots: usize,
     #[command(flatten)]
     heartbeat: HeartbeatArgs,
+    #[command(flatten)]
+    arbiter: ArbiterArgs,
     /// Stop after protecting this many seconds (counted from the end of the full sync): take a
     /// last checkpoint with the guest left paused, wait for its ack, print figures and exit
     /// (default: until killed).
@@ -163,6 +167,12 @@ struct StandbyArgs {
     /// cut (several handshakes run at once; a slow or hostile peer delays no other).
     #[arg(long, default_value_t = 5.0)]
     handshake_timeout: f64,
+    #[command(flatten)]
+    arbiter: ArbiterArgs,
+    /// On failover, the longest to wait for the service address while the old primary may
+    /// still hold it (same host), in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    bind_timeout: f64,
 }
 
 #[derive(Parser, Debug)]
@@ -284,6 +294,41 @@ struct SecretArgs {
     /// a trailing newline is ignored). The secret never crosses the wire.
     #[arg(long)]
     secret_file: std::path::PathBuf,
+}
+
+#[derive(Parser, Debug)]
+struct ArbiterArgs {
+    /// Fencing: `etcd://HOST:PORT[/PREFIX]`, one prefix per protected VM (default prefix
+    /// /rmc/default). Going live (a primary starting, a standby taking over) requires winning
+    /// the VM's primary key at this etcd; a primary releases output only while its lease is
+    /// certainly valid and stops for good when it cannot renew it. Give the primary and the
+    /// standby the same. Without it, a partition or a frozen primary can leave two primaries
+    /// serving the VM.
+    #[arg(long, value_parser = parse_arbiter)]
+    arbiter: Option<rmc_arbiter::Endpoint>,
+    /// Seconds of the arbiter lease (etcd grants at least 2): the longest a lost primary can
+    /// keep its standby from taking over; renewed every quarter of it.
+    #[arg(long, default_value_t = 2.0)]
+    lease_ttl: f64,
+}
+
+impl ArbiterArgs {
+    fn ttl(&self) -> Duration {
+        Duration::from_secs_f64(self.lease_ttl.clamp(1.0, 3600.0))
+    }
+
+    /// Says what running without an arbiter risks.
+    fn warn_if_none(&self) {
+        if self.arbiter.is_none() {
+            eprintln!(
+                "rmc: warning: no --arbiter: if the primary and the standby lose sight of each                  other while both run (a cut link, a frozen host), both can serve the VM: two                  primaries. Fence them with --arbiter etcd://HOST:PORT/PREFIX"
+            );
+        }
+    }
+}
+
+fn parse_arbiter(s: &str) -> Result<rmc_arbiter::Endpoint, String> {
+    s.parse()
 }
 
 #[derive(Parser, Debug)]
@@ -582,8 +627,33 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
     use rmc_mc::primary::{Primary, PrimaryConfig};
     use std::sync::atomic::AtomicBool;
     let secret = a.secret.read()?;
+    a.arbiter.warn_if_none();
+    // Going live needs the arbiter's primary key first.
+    let mut fence = match &a.arbiter.arbiter {
+        Some(ep) => {
+            let ttl = a.arbiter.ttl();
+            let f = fencing::Fence::go_live(
+                ep,
+                ttl,
+                &fencing::identity("primary"),
+                ttl * 2 + Duration::from_secs(1),
+            )?;
+            println!(
+                "rmc: the arbiter at {ep} names this host the VM's primary (fence {})",
+                f.revision()
+            );
+            f.exit_when_lost();
+            Some(f)
+        }
+        None => None,
+    };
     let (vm, _) = start_vm(&a.vm)?;
     let mut config = PrimaryConfig::new(a.standby, secret, a.vm.memory / 4096);
+    if let Some(f) = &fence {
+        let gate = f.gate();
+        vm.set_send_gate(rmc_vmm::nic::SendGate::new(move || gate.is_valid()));
+        config.fencing = Some(f.for_primary());
+    }
     config.transport = a.transport;
     config.epoch_interval = Duration::from_secs_f64(a.epoch_ms.max(0.1) / 1000.0);
     if let Some(p) = a.slot_pages {
@@ -615,15 +685,13 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
         );
     }
     loop {
-        // Output commit from the first moment of protection: nothing the guest sends leaves
-        // before the standby holds the checkpoint that produced it.
-        if output_commit {
-            vm.enable_output_commit(limits)?;
-        }
+        // While no standby is connected the guest's output flows freely (an unreachable
+        // standby must not stall the service for its connect timeout); it is held from the
+        // moment a standby accepted, before the first checkpoint: the standby can fail over
+        // only once it holds a checkpoint, and that one covers everything released before.
         let primary = match Primary::connect(&vm, config.clone()) {
             Ok(p) => p,
             Err(e) => {
-                vm.disable_output_commit();
                 if sessions == 0 {
                     // A standby that is not up yet, busy, or slowed by other connections is
                     // worth waiting for; one that refuses this primary for good is not.
@@ -646,6 +714,11 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
             }
         };
         sessions += 1;
+        // Output commit from the first moment of protection: nothing the guest sends leaves
+        // before the standby holds the checkpoint that produced it.
+        if output_commit {
+            vm.enable_output_commit(limits)?;
+        }
         if paused {
             vm.resume();
             paused = false;
@@ -686,6 +759,9 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
                     );
                 }
                 vm.disable_output_commit();
+                if let Some(f) = fence.take() {
+                    f.resign();
+                }
                 println!(
                     "rmc: {} checkpoints acknowledged (last epoch {}) in {:.1} s; full sync {} pages in {:.2} s; \
                      first pause {} us; pause p50 {} us p99 {} us; pages/epoch mean {:.0}; ack p50 {} us p99 {} us; {} oversize",
@@ -705,7 +781,18 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             Err(e) => {
-                // The guest's state is the only copy now: its held output may leave.
+                // The guest's state is the only copy now: its held output may leave, once the
+                // arbiter no longer lets the standby take over from its older checkpoint.
+                if let Some(f) = &fence {
+                    if let Err(why) = f.forget_standby() {
+                        eprintln!(
+                            "rmc: FENCED: lost the standby ({}) and {why}: stopping this VM for \
+                             good; its held output never left",
+                            rmc_mc::standby::error_chain(&e)
+                        );
+                        return Ok(ExitCode::from(3));
+                    }
+                }
                 vm.disable_output_commit();
                 let what = match a.on_standby_loss {
                     StandbyLoss::Continue => "running unprotected",
@@ -735,8 +822,14 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
         // Acknowledge only checkpoints this VMM can restore.
         restore: Some(std::sync::Arc::new(rmc_vmm::RestoreCheck)),
         handshake_timeout: Duration::from_secs_f64(a.handshake_timeout.max(0.1)),
+        // Only the primary the arbiter names may protect this standby.
+        fencing: a.arbiter.arbiter.as_ref().map(|ep| {
+            std::sync::Arc::new(fencing::StandbyFencing::new(ep))
+                as std::sync::Arc<dyn rmc_mc::standby::FenceCheck>
+        }),
         ..StandbyConfig::default()
     };
+    a.arbiter.warn_if_none();
     let (mut sb, why) = Standby::bind_with(a.listen, a.transport, config)
         .with_context(|| format!("Cannot listen on {} ({})", a.listen, a.transport))?;
     println!(
@@ -763,7 +856,27 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
         served += 1;
         if sb.should_fail_over(&s) {
             if let Some(service) = a.service_addr {
-                return failover(&mut sb, &s, service, a.run_for);
+                let bind_timeout = Duration::from_secs_f64(a.bind_timeout.max(0.0));
+                let Some(ep) = &a.arbiter.arbiter else {
+                    return failover(&mut sb, &s, service, a.run_for, None, bind_timeout);
+                };
+                // Go live only after winning the arbiter's primary key: the lost primary's
+                // lease must run out first, so it can never release again.
+                let ttl = a.arbiter.ttl();
+                let me = fencing::identity("standby");
+                match fencing::Fence::take_over(
+                    ep,
+                    ttl,
+                    &me,
+                    &s.token_hex(),
+                    s.fence,
+                    ttl * 2 + Duration::from_secs(1),
+                ) {
+                    Ok(f) => {
+                        return failover(&mut sb, &s, service, a.run_for, Some(f), bind_timeout)
+                    }
+                    Err(why) => println!("rmc: not taking over: {why}; waiting for a primary"),
+                }
             }
         }
         let backup = sb.backup();
@@ -945,6 +1058,8 @@ fn failover(
     session: &rmc_mc::standby::Session,
     service: ServiceAddr,
     run_for: Option<f64>,
+    fence: Option<fencing::Fence>,
+    bind_timeout: Duration,
 ) -> Result<ExitCode> {
     sb.stop_listening();
     let backup = sb.take_backup().expect("checked by the caller");
@@ -962,12 +1077,21 @@ fn failover(
         workloads: vec![Workload::Idle; backup.layout.vcpus as usize],
         nic_addr: Some(service),
     };
-    // The address may still be held for a moment by the dying primary.
+    // The address may still be held by the old primary (same host): a dying one lets go at
+    // once; a frozen one, fenced, exits when it wakes.
     let start = Instant::now();
+    let mut said = false;
     let vm = loop {
         match Vm::restore_on(&config, &state, backup.memory.clone()) {
             Ok(vm) => break vm,
-            Err(rmc_vmm::VmError::Bind { .. }) if start.elapsed() < Duration::from_secs(2) => {
+            Err(rmc_vmm::VmError::Bind { .. }) if start.elapsed() < bind_timeout => {
+                if !said && start.elapsed() > Duration::from_millis(500) {
+                    eprintln!(
+                        "rmc: failover: udp {service} is still in use (the old primary on this \
+                         host?); retrying for up to {bind_timeout:?}"
+                    );
+                    said = true;
+                }
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => {
@@ -977,6 +1101,11 @@ fn failover(
             }
         }
     };
+    if let Some(f) = &fence {
+        let gate = f.gate();
+        vm.set_send_gate(rmc_vmm::nic::SendGate::new(move || gate.is_valid()));
+        f.exit_when_lost();
+    }
     vm.resume();
     println!(
         "rmc: failed over at epoch {epoch}: primary lost ({}), detected {} ms after its last message, \

@@ -96,20 +96,47 @@ pub struct NicStats {
     pub rx_dropped: u64,
 }
 
+/// Asked just before each packet leaves the host whether this host may still speak for the
+/// VM (fencing: its arbiter lease is certainly valid). `false` drops the packet: a primary
+/// whose lease may have run out is being stopped, and another may already serve the VM.
+#[derive(Clone)]
+pub struct SendGate(std::sync::Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl SendGate {
+    /// A gate that asks `may_send` each time.
+    pub fn new(may_send: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        SendGate(std::sync::Arc::new(may_send))
+    }
+
+    /// Whether a packet may leave now.
+    pub fn allows(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for SendGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SendGate")
+    }
+}
+
 /// Output commit for the NIC: packets the guest sends wait here, tagged with their epoch,
 /// until the standby acknowledged the checkpoint that produced them (see `rmc_netbuf`).
 #[derive(Debug)]
 pub struct OutputCommit {
     buf: parking_lot::Mutex<NetBuf<(SocketAddr, Vec<u8>)>>,
     socket: UdpSocket,
+    gate: Option<SendGate>,
 }
 
 impl OutputCommit {
-    /// A gate that sends released packets on `socket` (a clone of the NIC's).
-    pub fn new(socket: UdpSocket, limits: Limits) -> Self {
+    /// A gate that sends released packets on `socket` (a clone of the NIC's), each only if
+    /// `gate` (when given) allows it at that moment.
+    pub fn new(socket: UdpSocket, limits: Limits, gate: Option<SendGate>) -> Self {
         OutputCommit {
             buf: parking_lot::Mutex::new(NetBuf::new(limits)),
             socket,
+            gate,
         }
     }
 
@@ -132,6 +159,9 @@ impl OutputCommit {
 
     fn send(&self, packets: Vec<(SocketAddr, Vec<u8>)>) {
         for (dest, payload) in packets {
+            if self.gate.as_ref().is_some_and(|g| !g.allows()) {
+                continue;
+            }
             if let Err(e) = self.socket.send_to(&payload, dest) {
                 warn!("NIC: send to {dest} failed: {e}");
             }
@@ -151,6 +181,7 @@ pub struct Nic {
     socket: Option<UdpSocket>,
     rx_scratch: Vec<u8>,
     output: Option<std::sync::Arc<OutputCommit>>,
+    gate: Option<SendGate>,
 }
 
 /// A TX or RX descriptor the device could not use.
@@ -202,7 +233,13 @@ impl Nic {
             socket,
             rx_scratch: vec![0; MAX_FRAME],
             output: None,
+            gate: None,
         })
+    }
+
+    /// Asks `gate` before each packet sent directly (output commit off); see [`SendGate`].
+    pub fn set_gate(&mut self, gate: Option<SendGate>) {
+        self.gate = gate;
     }
 
     /// Holds every packet the guest sends in `gate` from now on (`None`: send at once).
@@ -395,6 +432,9 @@ impl Nic {
 
     fn send(&self, payload: &[u8], dest: SocketAddr) {
         let Some(socket) = &self.socket else { return };
+        if self.gate.as_ref().is_some_and(|g| !g.allows()) {
+            return;
+        }
         if let Err(e) = socket.send_to(payload, dest) {
             // UDP: a send that fails is a lost datagram, which the client's retry covers.
             warn!("NIC: send to {dest} failed: {e}");

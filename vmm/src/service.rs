@@ -425,10 +425,18 @@ pub struct ClientReport {
 }
 
 /// A blocking UDP client of the counter service.
+///
+/// [`Client::new`] talks to one server. [`Client::with_servers`] sends every request (and
+/// every resend) to each of several servers, so that a test can ask every place a primary
+/// may run at once: two live primaries then both answer, and a checker fed all the replies
+/// sees them contradict each other.
 #[derive(Debug)]
 pub struct Client {
     socket: UdpSocket,
+    /// The first (or only) server.
     server: SocketAddr,
+    /// Every server each request goes to, `server` first.
+    servers: Vec<SocketAddr>,
     client_id: u64,
     next_seq: u64,
     /// Time to wait for a reply before sending the same request again.
@@ -462,6 +470,29 @@ pub enum ClientError {
 impl Client {
     /// A client talking to `server`.
     pub fn new(server: SocketAddr, client_id: u64) -> io::Result<Self> {
+        Self::with_servers(vec![server], client_id)
+    }
+
+    /// A client that sends each request, and each resend, to every one of `servers` (in that
+    /// order; at least one, all of one address family). A reply from any of them is a reply
+    /// like any other (it does not count in [`Client::from_elsewhere`]); the first answer to
+    /// the new seq, from whichever server, completes a request, and the others' answers to
+    /// it arrive later, during the next request or [`Client::drain`], and are passed on too.
+    /// A send that fails towards one server (no route to it, say) is skipped as long as
+    /// another server could be sent to.
+    pub fn with_servers(servers: Vec<SocketAddr>, client_id: u64) -> io::Result<Self> {
+        let Some(&server) = servers.first() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a client needs at least one server address",
+            ));
+        };
+        if servers.iter().any(|s| s.is_ipv4() != server.is_ipv4()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a client's server addresses must all be IPv4 or all IPv6",
+            ));
+        }
         let bind: SocketAddr = if server.is_ipv4() {
             "0.0.0.0:0".parse().expect("valid")
         } else {
@@ -471,6 +502,7 @@ impl Client {
         Ok(Client {
             socket,
             server,
+            servers,
             client_id,
             next_seq: 1,
             retry_after: Duration::from_millis(100),
@@ -483,10 +515,16 @@ impl Client {
         self.client_id
     }
 
-    /// Replies that came from an address other than the server's (each was passed on to the
-    /// caller all the same: a reply is a reply, whoever sent it).
+    /// Replies that came from an address other than the server's (other than every listed
+    /// server's, for [`Client::with_servers`]); each was passed on to the caller all the same:
+    /// a reply is a reply, whoever sent it.
     pub fn from_elsewhere(&self) -> u64 {
         self.from_elsewhere
+    }
+
+    /// The servers each request goes to, in the order they are sent to.
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.servers
     }
 
     /// Numbers the next new request `seq` (to continue a client across runs).
@@ -508,6 +546,15 @@ impl Client {
         deadline: Duration,
         mut on_reply: impl FnMut(&Reply),
     ) -> Result<(Reply, u64), ClientError> {
+        self.request_from(deadline, |r, _| on_reply(r))
+    }
+
+    /// [`Client::request`], telling `on_reply` also the address each reply came from.
+    pub fn request_from(
+        &mut self,
+        deadline: Duration,
+        mut on_reply: impl FnMut(&Reply, SocketAddr),
+    ) -> Result<(Reply, u64), ClientError> {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.send_and_wait(seq, deadline, &mut on_reply)
@@ -520,14 +567,14 @@ impl Client {
         deadline: Duration,
         mut on_reply: impl FnMut(&Reply),
     ) -> Result<(Reply, u64), ClientError> {
-        self.send_and_wait(seq, deadline, &mut on_reply)
+        self.send_and_wait(seq, deadline, &mut |r, _| on_reply(r))
     }
 
     fn send_and_wait(
         &mut self,
         seq: u64,
         deadline: Duration,
-        on_reply: &mut dyn FnMut(&Reply),
+        on_reply: &mut dyn FnMut(&Reply, SocketAddr),
     ) -> Result<(Reply, u64), ClientError> {
         let payload = Request {
             client_id: self.client_id,
@@ -546,7 +593,7 @@ impl Client {
                     tries,
                 });
             }
-            self.socket.send_to(&payload, self.server)?;
+            self.send_to_all(&payload)?;
             tries += 1;
             let resend_at = Instant::now() + self.retry_after;
             loop {
@@ -571,11 +618,30 @@ impl Client {
                     Err(e) => return Err(e.into()),
                 };
                 let reply = self.received(&buf[..n], from)?;
-                on_reply(&reply);
+                on_reply(&reply, from);
                 if reply.seq == seq && reply.client_id == self.client_id {
                     return Ok((reply, tries - 1));
                 }
             }
+        }
+    }
+
+    /// Sends `payload` to every server. With one server its error is returned as is; with
+    /// several, only when no server could be sent to (the first error).
+    fn send_to_all(&self, payload: &[u8]) -> io::Result<()> {
+        let mut first_error = None;
+        let mut sent = false;
+        for server in &self.servers {
+            match self.socket.send_to(payload, server) {
+                Ok(_) => sent = true,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) if !sent => Err(e),
+            _ => Ok(()),
         }
     }
 
@@ -586,6 +652,16 @@ impl Client {
         quiet: Duration,
         limit: Duration,
         mut on_reply: impl FnMut(&Reply),
+    ) -> Result<u64, ClientError> {
+        self.drain_from(quiet, limit, |r, _| on_reply(r))
+    }
+
+    /// [`Client::drain`], telling `on_reply` also the address each reply came from.
+    pub fn drain_from(
+        &mut self,
+        quiet: Duration,
+        limit: Duration,
+        mut on_reply: impl FnMut(&Reply, SocketAddr),
     ) -> Result<u64, ClientError> {
         let end = Instant::now() + limit;
         let mut buf = [0u8; 2048];
@@ -609,12 +685,12 @@ impl Client {
             };
             let reply = self.received(&buf[..n], from)?;
             n_read += 1;
-            on_reply(&reply);
+            on_reply(&reply, from);
         }
     }
 
     fn received(&mut self, payload: &[u8], from: SocketAddr) -> Result<Reply, ClientError> {
-        if from != self.server {
+        if !self.servers.contains(&from) {
             self.from_elsewhere += 1;
         }
         Reply::decode(payload).map_err(|e| ClientError::Reply(from, e))
@@ -784,5 +860,75 @@ mod tests {
         ));
         assert_eq!(c.check(&from(2, 2, 11)), Ok(true));
         assert_eq!(c.summary().clients, 3);
+    }
+
+    /// A fake counter server on loopback that answers each of `n` requests with counter
+    /// `base + seq`; returns its address.
+    fn fake_server(base: u64, n: usize) -> (SocketAddr, std::thread::JoinHandle<()>) {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = s.local_addr().unwrap();
+        let h = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            for _ in 0..n {
+                let (len, from) = s.recv_from(&mut buf).unwrap();
+                assert_eq!(len, REQUEST_LEN);
+                let mut r = [0u8; REPLY_LEN];
+                r[0..4].copy_from_slice(&REPLY_MAGIC.to_le_bytes());
+                r[4..8].copy_from_slice(&STATUS_OK.to_le_bytes());
+                r[8..24].copy_from_slice(&buf[4..20]);
+                let seq = u64::from_le_bytes(buf[12..20].try_into().unwrap());
+                r[24..32].copy_from_slice(&(base + seq).to_le_bytes());
+                s.send_to(&r, from).unwrap();
+            }
+        });
+        (addr, h)
+    }
+
+    #[test]
+    fn a_client_with_several_servers_asks_each_and_hears_all() {
+        let (a, ha) = fake_server(100, 2);
+        let (b, hb) = fake_server(200, 2);
+        let mut c = Client::with_servers(vec![a, b], 5).unwrap();
+        assert_eq!(c.servers(), &[a, b]);
+        c.retry_after = Duration::from_secs(5);
+        let mut heard = Vec::new();
+        for _ in 0..2 {
+            let (r, resent) = c
+                .request_from(Duration::from_secs(10), |r, from| heard.push((r.seq, from)))
+                .unwrap();
+            assert_eq!(resent, 0);
+            assert!(
+                r.counter == 100 + r.seq || r.counter == 200 + r.seq,
+                "{r:?}"
+            );
+        }
+        c.drain_from(
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+            |r, from| heard.push((r.seq, from)),
+        )
+        .unwrap();
+        heard.sort();
+        let mut want = vec![(1, a), (1, b), (2, a), (2, b)];
+        want.sort();
+        assert_eq!(heard, want, "each request answered by both servers");
+        assert_eq!(c.from_elsewhere(), 0, "listed servers are not `elsewhere`");
+        ha.join().unwrap();
+        hb.join().unwrap();
+        // A one-server client, as before.
+        let (a, ha) = fake_server(100, 1);
+        let mut c = Client::new(a, 6).unwrap();
+        assert_eq!(c.servers(), &[a]);
+        c.request(Duration::from_secs(10), |_| {}).unwrap();
+        ha.join().unwrap();
+        assert_eq!(c.from_elsewhere(), 0);
+    }
+
+    #[test]
+    fn a_client_needs_servers_of_one_family() {
+        assert!(Client::with_servers(vec![], 1).is_err());
+        let v4: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let v6: SocketAddr = "[::1]:1".parse().unwrap();
+        assert!(Client::with_servers(vec![v4, v6], 1).is_err());
     }
 }

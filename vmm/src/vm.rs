@@ -180,6 +180,8 @@ pub struct Vm {
     cpuid: CpuId,
     config: VmConfig,
     output: parking_lot::Mutex<Option<Arc<crate::nic::OutputCommit>>>,
+    /// Fencing gate asked before each packet leaves (see [`Vm::set_send_gate`]).
+    send_gate: parking_lot::Mutex<Option<crate::nic::SendGate>>,
 }
 
 impl Vm {
@@ -373,6 +375,7 @@ impl Vm {
             cpuid,
             config: config.clone(),
             output: parking_lot::Mutex::new(None),
+            send_gate: parking_lot::Mutex::new(None),
         })
     }
 
@@ -564,10 +567,21 @@ impl Vm {
         let socket = nic
             .socket_clone()
             .ok_or_else(|| VmError::Config("output commit needs the NIC's socket".into()))?;
-        let gate = Arc::new(crate::nic::OutputCommit::new(socket, limits));
+        let gate = Arc::new(crate::nic::OutputCommit::new(
+            socket,
+            limits,
+            self.send_gate.lock().clone(),
+        ));
         *self.output.lock() = Some(gate.clone());
         nic.set_output(Some(gate));
         Ok(())
+    }
+
+    /// Fencing: from now on every packet the guest sends leaves only if `gate` allows it at
+    /// that moment (with output commit on or off); see [`crate::nic::SendGate`].
+    pub fn set_send_gate(&self, gate: crate::nic::SendGate) {
+        *self.send_gate.lock() = Some(gate.clone());
+        self.devices.nic.lock().set_gate(Some(gate));
     }
 
     /// Turns output commit off (protection lost): every held packet leaves now, new ones at once.
