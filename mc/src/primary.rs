@@ -111,6 +111,13 @@ impl PrimaryConfig {
             fencing: None,
         }
     }
+
+    /// The same with this transport and heartbeat.
+    pub fn with_link(mut self, transport: Transport, heartbeat: Heartbeat) -> Self {
+        self.transport = transport;
+        self.heartbeat = heartbeat;
+        self
+    }
 }
 
 /// Why the primary stopped protecting.

@@ -173,6 +173,12 @@ struct StandbyArgs {
     /// still hold it (same host), in seconds.
     #[arg(long, default_value_t = 10.0)]
     bind_timeout: f64,
+    /// After a failover, protect the VM in turn: connect to the standby listening at this
+    /// address (same secret, transport, heartbeat and arbiter) and keep checkpointing to it,
+    /// reconnecting when it is lost (a chain: A fails, B takes over protected by C, ...).
+    /// Default: the failed-over VM runs unprotected.
+    #[arg(long)]
+    protect_with: Option<SocketAddr>,
 }
 
 #[derive(Parser, Debug)]
@@ -624,12 +630,11 @@ fn run(a: RunArgs) -> Result<ExitCode> {
 }
 
 fn primary(a: PrimaryArgs) -> Result<ExitCode> {
-    use rmc_mc::primary::{Primary, PrimaryConfig};
-    use std::sync::atomic::AtomicBool;
+    use rmc_mc::primary::PrimaryConfig;
     let secret = a.secret.read()?;
     a.arbiter.warn_if_none();
     // Going live needs the arbiter's primary key first.
-    let mut fence = match &a.arbiter.arbiter {
+    let fence = match &a.arbiter.arbiter {
         Some(ep) => {
             let ttl = a.arbiter.ttl();
             let f = fencing::Fence::go_live(
@@ -674,10 +679,38 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
         max_bytes: a.netbuf_bytes.max(1),
         max_packets: a.netbuf_packets.max(1),
     };
+    let how = Protection {
+        limits,
+        on_standby_loss: a.on_standby_loss,
+        output_commit: a.inject_fault != Some(Fault::ReleaseBeforeAck),
+    };
+    protect(&vm, config, &how, fence)
+}
+
+/// How a VM is protected, besides the replication settings.
+struct Protection {
+    limits: rmc_netbuf::Limits,
+    on_standby_loss: StandbyLoss,
+    output_commit: bool,
+}
+
+/// Protects `vm` by the standby of `config` until the protection ends on purpose (`--duration`)
+/// or this host is fenced; reconnects whenever the standby is lost. The primary of
+/// `rmc primary`, and the VM a standby took over when it is to be protected in turn.
+fn protect(
+    vm: &Vm,
+    config: rmc_mc::primary::PrimaryConfig,
+    how: &Protection,
+    mut fence: Option<fencing::Fence>,
+) -> Result<ExitCode> {
+    use rmc_mc::primary::Primary;
+    use std::sync::atomic::AtomicBool;
+    let limits = how.limits;
+    let standby = config.standby;
     let stop = AtomicBool::new(false);
     let mut sessions = 0u64;
     let mut paused = false;
-    let output_commit = a.inject_fault != Some(Fault::ReleaseBeforeAck);
+    let output_commit = how.output_commit;
     if !output_commit {
         eprintln!(
             "rmc: FAULT INJECTED (testing only): output leaves before its checkpoint is \
@@ -689,7 +722,7 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
         // standby must not stall the service for its connect timeout); it is held from the
         // moment a standby accepted, before the first checkpoint: the standby can fail over
         // only once it holds a checkpoint, and that one covers everything released before.
-        let primary = match Primary::connect(&vm, config.clone()) {
+        let primary = match Primary::connect(vm, config.clone()) {
             Ok(p) => p,
             Err(e) => {
                 if sessions == 0 {
@@ -698,16 +731,16 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
                     if !retry_makes_sense(&e) {
                         return Err(anyhow::Error::new(e).context(format!(
                             "Cannot start protection with the standby at {}",
-                            a.standby
+                            standby
                         )));
                     }
                     eprintln!(
                         "rmc: cannot start protection with the standby at {} yet: {}; retrying every second",
-                        a.standby,
+                        standby,
                         rmc_mc::standby::error_chain(&e)
                     );
                 } else {
-                    tracing::debug!("standby at {} not back yet: {e}", a.standby);
+                    tracing::debug!("standby at {} not back yet: {e}", standby);
                 }
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
@@ -725,7 +758,7 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
         }
         println!(
             "rmc: protected by the standby at {} over {}",
-            a.standby,
+            standby,
             primary.transport()
         );
         // Tell when the standby first holds a consistent checkpoint (it can fail over from then
@@ -794,16 +827,16 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
                     }
                 }
                 vm.disable_output_commit();
-                let what = match a.on_standby_loss {
+                let what = match how.on_standby_loss {
                     StandbyLoss::Continue => "running unprotected",
                     StandbyLoss::Pause => "VM paused",
                 };
                 eprintln!(
                     "rmc: lost the standby: {}; {what}, reconnecting to {} every second",
                     rmc_mc::standby::error_chain(&e),
-                    a.standby
+                    standby
                 );
-                if a.on_standby_loss == StandbyLoss::Pause {
+                if how.on_standby_loss == StandbyLoss::Pause {
                     vm.pause();
                     paused = true;
                 }
@@ -815,8 +848,16 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
 
 fn standby(a: StandbyArgs) -> Result<ExitCode> {
     use rmc_mc::standby::{error_chain, Standby, StandbyConfig};
+    let secret = a.secret.read()?;
+    // What protects the VM after a failover, if anything.
+    let next = a.protect_with.map(|addr| {
+        let mut c = rmc_mc::primary::PrimaryConfig::new(addr, secret.clone(), 0);
+        c.transport = a.transport;
+        c.heartbeat = a.heartbeat.get();
+        c
+    });
     let config = StandbyConfig {
-        secret: a.secret.read()?,
+        secret,
         memory_bytes: a.memory,
         heartbeat: a.heartbeat.get(),
         // Acknowledge only checkpoints this VMM can restore.
@@ -858,7 +899,7 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
             if let Some(service) = a.service_addr {
                 let bind_timeout = Duration::from_secs_f64(a.bind_timeout.max(0.0));
                 let Some(ep) = &a.arbiter.arbiter else {
-                    return failover(&mut sb, &s, service, a.run_for, None, bind_timeout);
+                    return failover(&mut sb, &s, service, a.run_for, None, bind_timeout, next);
                 };
                 // Go live only after winning the arbiter's primary key: the lost primary's
                 // lease must run out first, so it can never release again.
@@ -873,7 +914,15 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
                     ttl * 2 + Duration::from_secs(1),
                 ) {
                     Ok(f) => {
-                        return failover(&mut sb, &s, service, a.run_for, Some(f), bind_timeout)
+                        return failover(
+                            &mut sb,
+                            &s,
+                            service,
+                            a.run_for,
+                            Some(f),
+                            bind_timeout,
+                            next,
+                        )
                     }
                     Err(why) => println!("rmc: not taking over: {why}; waiting for a primary"),
                 }
@@ -1060,6 +1109,7 @@ fn failover(
     run_for: Option<f64>,
     fence: Option<fencing::Fence>,
     bind_timeout: Duration,
+    next: Option<rmc_mc::primary::PrimaryConfig>,
 ) -> Result<ExitCode> {
     sb.stop_listening();
     let backup = sb.take_backup().expect("checked by the caller");
@@ -1114,6 +1164,29 @@ fn failover(
         session.detection_time().as_millis(),
         session.ended.elapsed().as_millis(),
     );
+    if let Some(mut config) = next {
+        // The chain goes on: this VM is the primary now, protected by the next standby.
+        config = rmc_mc::primary::PrimaryConfig {
+            fencing: fence.as_ref().map(|f| f.for_primary()),
+            protect_for: run_for.map(|d| Duration::from_secs_f64(d.max(0.0))),
+            ..rmc_mc::primary::PrimaryConfig::new(
+                config.standby,
+                config.secret,
+                backup.layout.total_pages(),
+            )
+            .with_link(config.transport, config.heartbeat)
+        };
+        println!(
+            "rmc: protecting the failed-over VM with the standby at {}",
+            config.standby
+        );
+        let how = Protection {
+            limits: rmc_netbuf::Limits::default(),
+            on_standby_loss: StandbyLoss::Continue,
+            output_commit: true,
+        };
+        return protect(&vm, config, &how, fence);
+    }
     let until = run_for.map(|d| Instant::now() + Duration::from_secs_f64(d.max(0.0)));
     loop {
         std::thread::sleep(Duration::from_millis(100));
