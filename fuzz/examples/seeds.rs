@@ -37,7 +37,10 @@ fn messages() -> Vec<Message> {
             layout,
             fence: 0,
         },
-        Message::Accept { last_applied: 7 },
+        Message::Accept {
+            last_applied: 7,
+            lineage: [7; 32],
+        },
         Message::Refuse {
             reason: "layout mismatch: é".into(),
         },

@@ -154,6 +154,7 @@ impl Session {
             1 => self.feed(
                 Message::Accept {
                     last_applied: u.u64_edge(),
+                    lineage: u.arr32(),
                 },
                 u,
             ),
@@ -232,7 +233,18 @@ impl Session {
                     1 => u.u64_edge(),
                     _ => u64::from(u.u16()),
                 };
-                self.feed(Message::Accept { last_applied }, u)
+                let lineage = if u.bool() {
+                    self.hello_nonce
+                } else {
+                    u.arr32()
+                };
+                self.feed(
+                    Message::Accept {
+                        last_applied,
+                        lineage,
+                    },
+                    u,
+                )
             }
             Phase::Established => match u.u8() % 8 {
                 0..=3 => {
@@ -333,7 +345,7 @@ impl Session {
                 self.phase = Phase::AwaitAccept;
                 Flow::Continue
             }
-            (Phase::AwaitAccept, Message::Accept { last_applied })
+            (Phase::AwaitAccept, Message::Accept { last_applied, .. })
                 if *last_applied >= rmc_mc::core::MAX_EPOCH =>
             {
                 // Epoch numbers that would overflow: refused, not trusted.
@@ -349,10 +361,16 @@ impl Session {
                 );
                 Flow::End
             }
-            (Phase::AwaitAccept, Message::Accept { last_applied }) => {
+            (Phase::AwaitAccept, Message::Accept { last_applied, .. }) => {
                 match got {
-                    Ok(PrimaryAction::Established { last_applied: l }) => {
-                        assert_eq!(l, *last_applied)
+                    Ok(PrimaryAction::Established {
+                        last_applied: l,
+                        resume,
+                    }) => {
+                        assert_eq!(l, *last_applied);
+                        // This core has no earlier session: never a resume, whatever the
+                        // standby claims.
+                        assert!(!resume);
                     }
                     other => panic!("accept answered with {other:?}"),
                 }

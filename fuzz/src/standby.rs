@@ -476,11 +476,12 @@ impl Session {
             StandbyAction::Established { layout, .. } => {
                 self.m.layout = Some(layout);
                 // As `rmc_mc::standby` does: epochs continue from the backup's last one.
-                let accept = self.core.accept_from(self.backup_last);
+                let accept = self.core.accept_from(self.backup_last, [5; 32]);
                 assert_eq!(
                     accept,
                     Message::Accept {
-                        last_applied: self.backup_last
+                        last_applied: self.backup_last,
+                        lineage: [5; 32],
                     }
                 );
                 self.m.last_applied = self.backup_last;
@@ -627,6 +628,7 @@ impl Session {
                         session: *hello,
                         accept: Message::Accept {
                             last_applied: self.m.last_applied,
+                            lineage: [0; 32],
                         },
                     }),
                     Some(Phase::Idle),

@@ -186,6 +186,7 @@ pub(crate) fn arbitrary_message(u: &mut Input) -> Message {
         },
         3 => Message::Accept {
             last_applied: u.u64_edge(),
+            lineage: u.arr32(),
         },
         4 => {
             let n = usize::from(u.u16() % 1400);

@@ -237,6 +237,31 @@ impl Liveness {
     }
 }
 
+/// Where a primary's earlier session with a standby ended: the standby that holds a
+/// checkpoint of that session, at an epoch between `acked` and `sent`, can resume from it.
+/// Every page written after `acked` is still in the guest's dirty log (the dirty sets of
+/// unacknowledged epochs are put back when a session fails), so sending the log's pages
+/// brings that standby up to date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// The session's token (its Hello nonce).
+    pub lineage: [u8; NONCE_LEN],
+    /// The last epoch the standby acknowledged in it.
+    pub acked: u64,
+    /// The last epoch sent in it.
+    pub sent: u64,
+}
+
+impl ResumePoint {
+    /// Whether a standby whose Accept says `last_applied`, `lineage` can resume from here.
+    pub fn allows(&self, last_applied: u64, lineage: &[u8; NONCE_LEN]) -> bool {
+        *lineage != [0; NONCE_LEN]
+            && *lineage == self.lineage
+            && self.acked <= last_applied
+            && last_applied <= self.sent
+    }
+}
+
 /// An epoch sent and not yet acknowledged, with what the caller attached to it.
 #[derive(Debug)]
 pub struct InFlight<T> {
@@ -262,6 +287,9 @@ pub enum PrimaryAction<T> {
     Established {
         /// The standby's last applied epoch.
         last_applied: u64,
+        /// The standby holds a checkpoint of this primary's earlier session (see
+        /// [`PrimaryCore::set_resume_point`]): send only the pages dirtied since, no full sync.
+        resume: bool,
     },
     /// These epochs are now applied on the standby (oldest first); free their resources.
     Acked(Vec<InFlight<T>>),
@@ -281,6 +309,7 @@ pub struct PrimaryCore<T> {
     layout: Layout,
     hello_nonce: [u8; NONCE_LEN],
     fence: u64,
+    resume_point: Option<ResumePoint>,
     phase: PrimaryPhase,
     next_epoch: u64,
     last_acked: u64,
@@ -302,6 +331,7 @@ impl<T> PrimaryCore<T> {
             layout,
             hello_nonce,
             fence: 0,
+            resume_point: None,
             phase: PrimaryPhase::AwaitChallenge,
             next_epoch: 1,
             last_acked: 0,
@@ -319,6 +349,21 @@ impl<T> PrimaryCore<T> {
     /// primary holds; 0, the default, without an arbiter). Call before the handshake.
     pub fn set_fence(&mut self, fence: u64) {
         self.fence = fence;
+    }
+
+    /// Where this primary's previous session ended, so a standby that still holds its
+    /// checkpoint resumes from it. Call before the handshake.
+    pub fn set_resume_point(&mut self, point: Option<ResumePoint>) {
+        self.resume_point = point;
+    }
+
+    /// Where this session stands, for the next session to resume from.
+    pub fn resume_point(&self) -> ResumePoint {
+        ResumePoint {
+            lineage: self.hello_nonce,
+            acked: self.last_acked,
+            sent: self.next_epoch - 1,
+        }
     }
 
     /// The session token: this primary's Hello nonce, which the standby learns too. The
@@ -358,7 +403,13 @@ impl<T> PrimaryCore<T> {
                     fence: self.fence,
                 }))
             }
-            (PrimaryPhase::AwaitAccept, Message::Accept { last_applied }) => {
+            (
+                PrimaryPhase::AwaitAccept,
+                Message::Accept {
+                    last_applied,
+                    lineage,
+                },
+            ) => {
                 // Epoch numbers count up from the standby's last applied one; one so large
                 // that they would overflow (2^63 epochs are millions of years) is hostile.
                 if last_applied >= MAX_EPOCH {
@@ -367,10 +418,16 @@ impl<T> PrimaryCore<T> {
                         value: format!("{last_applied} (at most {})", MAX_EPOCH - 1),
                     }));
                 }
+                let resume = self
+                    .resume_point
+                    .is_some_and(|p| p.allows(last_applied, &lineage));
                 self.phase = PrimaryPhase::Established;
                 self.next_epoch = last_applied + 1;
                 self.last_acked = last_applied;
-                Ok(PrimaryAction::Established { last_applied })
+                Ok(PrimaryAction::Established {
+                    last_applied,
+                    resume,
+                })
             }
             (PrimaryPhase::Established, Message::Ack { epoch }) => self.on_ack(epoch),
             (PrimaryPhase::Established, Message::Heartbeat { .. }) => Ok(PrimaryAction::None),
@@ -722,6 +779,7 @@ impl StandbyCore {
                     session,
                     accept: Message::Accept {
                         last_applied: self.last_applied,
+                        lineage: [0; NONCE_LEN],
                     },
                 })
             }
@@ -809,13 +867,16 @@ impl StandbyCore {
     ///
     /// # Panics
     /// Before the handshake completed or once epochs flow (a bug in the caller).
-    pub fn accept_from(&mut self, last_applied: u64) -> Message {
+    pub fn accept_from(&mut self, last_applied: u64, lineage: [u8; NONCE_LEN]) -> Message {
         assert!(
             self.phase == StandbyPhase::Idle && self.layout.is_some(),
             "accept_from() outside a fresh session"
         );
         self.last_applied = last_applied;
-        Message::Accept { last_applied }
+        Message::Accept {
+            last_applied,
+            lineage,
+        }
     }
 
     /// The epoch ordered by [`StandbyAction::Apply`] is applied; returns the ack to send.
@@ -896,7 +957,10 @@ mod tests {
         assert_eq!(session, p.session());
         assert!(matches!(
             p.on_message(accept, now).unwrap(),
-            PrimaryAction::Established { last_applied: 0 }
+            PrimaryAction::Established {
+                last_applied: 0,
+                resume: false
+            }
         ));
         (p, s)
     }
@@ -1234,6 +1298,64 @@ mod tests {
         .is_ok());
     }
 
+    /// A primary resumes a standby only from a checkpoint of its own previous session, at an
+    /// epoch whose later pages it still has in its dirty log (between what was acked and
+    /// what was sent); anything else is a full sync.
+    #[test]
+    fn resume_only_from_this_primarys_own_checkpoint() {
+        let now = Instant::now();
+        let point = ResumePoint {
+            lineage: [7; 32],
+            acked: 40,
+            sent: 44,
+        };
+        let accept = |point: Option<ResumePoint>, last_applied: u64, lineage: [u8; 32]| {
+            let (mut p, hello) =
+                PrimaryCore::<u32>::new(SECRET, layout(), [1; 32], Heartbeat::default(), now);
+            p.set_resume_point(point);
+            let mut s =
+                StandbyCore::new(SECRET, LayoutRule::default(), 0, Heartbeat::default(), now);
+            let StandbyAction::Send(c) = s.on_message(hello, [2; 32], now).unwrap() else {
+                panic!()
+            };
+            let PrimaryAction::Send(_) = p.on_message(c, now).unwrap() else {
+                panic!()
+            };
+            let accept = Message::Accept {
+                last_applied,
+                lineage,
+            };
+            match p.on_message(accept, now).unwrap() {
+                PrimaryAction::Established {
+                    last_applied: l,
+                    resume,
+                } => {
+                    assert_eq!(l, last_applied);
+                    // Epochs go on after the standby's, resumed or not.
+                    assert_eq!(p.next_epoch(), last_applied + 1);
+                    resume
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        for last in [40, 42, 44] {
+            assert!(accept(Some(point), last, [7; 32]), "epoch {last}");
+        }
+        // Acked pages are gone from the log; epochs never sent cannot be on the standby.
+        assert!(!accept(Some(point), 39, [7; 32]));
+        assert!(!accept(Some(point), 45, [7; 32]));
+        // Another session's checkpoint (another primary, or a backup of another VM), none at
+        // all, or no earlier session here.
+        assert!(!accept(Some(point), 42, [8; 32]));
+        assert!(!accept(Some(point), 42, [0; 32]));
+        assert!(!accept(None, 42, [7; 32]));
+        let zero = ResumePoint {
+            lineage: [0; 32],
+            ..point
+        };
+        assert!(!accept(Some(zero), 42, [0; 32]));
+    }
+
     #[test]
     fn an_accept_near_the_end_of_epoch_numbers_is_refused() {
         let now = Instant::now();
@@ -1249,7 +1371,13 @@ mod tests {
                 panic!()
             };
             let err = p
-                .on_message(Message::Accept { last_applied: last }, now)
+                .on_message(
+                    Message::Accept {
+                        last_applied: last,
+                        lineage: [0; 32],
+                    },
+                    now,
+                )
                 .unwrap_err();
             assert!(
                 matches!(

@@ -36,7 +36,7 @@ use rmc_transport::wire::{self, auth, EpochHeader, EpochKind, Layout, Message, M
 use tracing::{debug, info, warn};
 use vm_memory::GuestAddress;
 
-use crate::core::{Heartbeat, InFlight, PrimaryAction, PrimaryCore, ProtocolError};
+use crate::core::{Heartbeat, InFlight, PrimaryAction, PrimaryCore, ProtocolError, ResumePoint};
 use crate::{DirtySet, Guest, GuestError};
 
 /// How often the dirty log is peeked between pauses to end an epoch early.
@@ -57,6 +57,22 @@ pub trait Fencing: Send + Sync + std::fmt::Debug {
     /// first output of a session is released; an error keeps the output held and ends the
     /// session.
     fn standby_current(&self, token: &str) -> Result<(), String>;
+}
+
+/// Where the last session of a primary ended, shared by its sessions (clones of one config):
+/// a standby that reconnects with that session's checkpoint resumes from it.
+#[derive(Debug, Clone, Default)]
+pub struct Lineage(Arc<Mutex<Option<ResumePoint>>>);
+
+impl Lineage {
+    /// Where the last session ended, if any.
+    pub fn get(&self) -> Option<ResumePoint> {
+        *self.0.lock()
+    }
+
+    fn set(&self, p: ResumePoint) {
+        *self.0.lock() = Some(p);
+    }
 }
 
 /// Primary settings.
@@ -89,6 +105,8 @@ pub struct PrimaryConfig {
     pub handshake_timeout: Duration,
     /// The arbiter (`None`: no fencing).
     pub fencing: Option<Arc<dyn Fencing>>,
+    /// Where the previous session ended (shared by the clones of this config).
+    pub lineage: Lineage,
 }
 
 impl PrimaryConfig {
@@ -109,6 +127,7 @@ impl PrimaryConfig {
             protect_for: None,
             handshake_timeout: Duration::from_secs(30),
             fencing: None,
+            lineage: Lineage::default(),
         }
     }
 
@@ -255,6 +274,8 @@ pub struct Primary<'g, G: Guest> {
     acked: Arc<AtomicU64>,
     /// This session's token (the Hello nonce, hex).
     token: String,
+    /// The standby holds a checkpoint of the previous session: send only what changed.
+    resumed: bool,
     /// Whether the arbiter records this session's standby as current.
     marked: bool,
 }
@@ -299,10 +320,12 @@ impl<'g, G: Guest> Primary<'g, G> {
         if let Some(f) = &config.fencing {
             core.set_fence(f.fence());
         }
+        core.set_resume_point(config.lineage.get());
         let token = core.session().iter().map(|b| format!("{b:02x}")).collect();
         writer.send(&hello)?;
         let limit = config.handshake_timeout;
         let deadline = now + limit;
+        let resumed: bool;
         let mut idle = |_| {
             if Instant::now() > deadline {
                 Err(format!(
@@ -317,7 +340,11 @@ impl<'g, G: Guest> Primary<'g, G> {
             let action = crate::refuse_on_error(core.on_message(msg, Instant::now()), &mut writer)?;
             match action {
                 PrimaryAction::Send(m) => writer.send(&m)?,
-                PrimaryAction::Established { last_applied } => {
+                PrimaryAction::Established {
+                    last_applied,
+                    resume,
+                } => {
+                    resumed = resume;
                     if let Some(tx) = writer.get_mut().rdma() {
                         // The standby's RegionKey follows its Accept.
                         let key = match reader.next_message(&mut idle)? {
@@ -334,7 +361,7 @@ impl<'g, G: Guest> Primary<'g, G> {
                                 source,
                             })?;
                     }
-                    info!(standby = %config.standby, last_applied, %transport, "standby accepted: protection starting");
+                    info!(standby = %config.standby, last_applied, resume, %transport, "standby accepted: protection starting");
                     break;
                 }
                 PrimaryAction::None | PrimaryAction::Acked(_) => {}
@@ -365,6 +392,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             pending: DirtySet::empty(&guest.regions()),
             acked: Arc::new(AtomicU64::new(0)),
             token,
+            resumed,
             marked: false,
         })
     }
@@ -392,6 +420,9 @@ impl<'g, G: Guest> Primary<'g, G> {
     /// the guest keeps running.
     pub fn run(mut self, stop: &AtomicBool) -> Result<PrimaryStats, PrimaryError> {
         let result = self.protect(stop);
+        // Where this session ended (on failure, after the unacknowledged epochs' pages went
+        // back to the log): a standby holding its checkpoint can resume from here.
+        let record = |p: &Self| p.config.lineage.set(p.core.resume_point());
         if let Err(e) = &result {
             // Tell the standby what it did wrong, when it did (best effort: it may be gone,
             // and the sender thread may hold the connection).
@@ -408,6 +439,9 @@ impl<'g, G: Guest> Primary<'g, G> {
                 }
             }
         }
+        if result.is_ok() {
+            record(&self);
+        }
         if result.is_err() {
             let empty = DirtySet::empty(&self.guest.regions());
             self.guest
@@ -420,9 +454,15 @@ impl<'g, G: Guest> Primary<'g, G> {
             if n > 0 {
                 warn!(epochs = n, "dirty pages of unacknowledged epochs put back");
             }
+            record(&self);
         }
         self.shutdown();
         result.map(|()| self.stats)
+    }
+
+    /// Whether the standby resumed from a checkpoint of the previous session (no full sync).
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     fn protect(&mut self, stop: &AtomicBool) -> Result<(), PrimaryError> {
@@ -479,8 +519,20 @@ impl<'g, G: Guest> Primary<'g, G> {
 
     fn full_sync(&mut self) -> Result<(), PrimaryError> {
         let start = Instant::now();
-        self.guest.harvest().map_err(PrimaryError::Guest)?;
-        let mut to_send = DirtySet::full(&self.guest.regions());
+        let mut to_send = if self.resumed {
+            // The standby holds a checkpoint of the previous session: everything written
+            // since is in the dirty log (see `ResumePoint`).
+            let delta = self.guest.harvest().map_err(PrimaryError::Guest)?;
+            info!(
+                pages = delta.len(),
+                from_epoch = self.core.last_acked(),
+                "the standby resumes from its checkpoint: sending only the pages changed since"
+            );
+            delta
+        } else {
+            self.guest.harvest().map_err(PrimaryError::Guest)?;
+            DirtySet::full(&self.guest.regions())
+        };
         let threshold = self
             .config
             .max_dirty_pages

@@ -116,9 +116,19 @@ pub struct Backup {
     /// (before the first checkpoint, or after sync epochs of a new session).
     pub checkpoint: Option<u64>,
     /// The checkpoint was applied by the latest session, which did not end with a goodbye:
-    /// losing that primary is a reason to fail over to it. A goodbye, or a new session,
-    /// disarms it until that session's first checkpoint.
+    /// losing that primary is a reason to fail over to it. A goodbye disarms it; so does a
+    /// new session until its first checkpoint, unless an arbiter decides (with fencing the
+    /// backup stays intact during a re-sync, and the arbiter says whether it is current).
     pub armed: bool,
+    /// The session (its token, the primary's Hello nonce) that produced the checkpoint.
+    pub lineage: [u8; NONCE_LEN],
+}
+
+impl Backup {
+    /// The checkpoint's session token as lowercase hex (as the arbiter stores it).
+    pub fn lineage_hex(&self) -> String {
+        self.lineage.iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 /// Why a connection ended.
@@ -289,6 +299,10 @@ pub struct Standby {
     shared: Arc<Shared>,
     ready: Receiver<Handshake>,
     refused: Option<Receiver<Refusal>>,
+    /// Sync epochs of the current session received while the backup holds a checkpoint
+    /// (with fencing): applied together with the session's first checkpoint, so the backup
+    /// stays that checkpoint until then, whatever happens to the session.
+    deferred: Vec<(EpochHeader, Body)>,
 }
 
 impl Drop for Standby {
@@ -386,6 +400,7 @@ impl Standby {
         }
         Ok((
             Standby {
+                deferred: Vec::new(),
                 local_addr,
                 transport,
                 config,
@@ -481,6 +496,7 @@ impl Standby {
             closer,
             mut core,
             layout,
+            token,
             ..
         } = h;
         let writer = Arc::new(Mutex::new(writer));
@@ -495,7 +511,17 @@ impl Standby {
             sent.clone(),
             self.config.heartbeat,
         );
-        let result = self.serve_session(&mut reader, &writer, &mut core, &layout, &sent, progress);
+        let result = self.serve_session(
+            &mut reader,
+            &writer,
+            &mut core,
+            (&layout, token),
+            &sent,
+            progress,
+        );
+        // What a session that ended left unapplied is dropped: the backup is still the last
+        // checkpoint.
+        self.deferred.clear();
         if let Err(e) = &result {
             if e.refusable() {
                 let _ = writer.lock().send(&Message::Refuse {
@@ -514,7 +540,7 @@ impl Standby {
         reader: &mut FrameReader<Rx>,
         writer: &Mutex<FrameWriter<Tx>>,
         core: &mut StandbyCore,
-        layout: &Layout,
+        (layout, token): (&Layout, [u8; NONCE_LEN]),
         sent: &AtomicU64,
         progress: &mut Progress,
     ) -> Result<(), StandbyError> {
@@ -526,12 +552,24 @@ impl Standby {
             .accepts(layout)
             .map_err(StandbyError::Protocol)?;
         self.prepare(layout)?;
+        self.deferred.clear();
+        let fenced = self.config.fencing.is_some();
         if let Some(b) = &mut self.backup {
-            // Only this session's checkpoints arm a failover from now on.
-            b.armed = false;
+            // Without an arbiter, only this session's checkpoints arm a failover from now on.
+            // With one, the backup stays the old checkpoint until this session's first (its
+            // sync epochs are deferred) and the arbiter says whether it is still current.
+            if !fenced {
+                b.armed = false;
+            }
         }
         let last = self.backup.as_ref().map_or(0, |b| b.last_applied);
-        let accept = core.accept_from(last);
+        // A consistent checkpoint's session, so that its primary can resume from it.
+        let lineage = self
+            .backup
+            .as_ref()
+            .filter(|b| b.checkpoint == Some(b.last_applied))
+            .map_or([0; NONCE_LEN], |b| b.lineage);
+        let accept = core.accept_from(last, lineage);
         // RDMA: register the staging region (the only memory the primary may write) and tell
         // the primary where it is, right after the Accept.
         {
@@ -615,7 +653,26 @@ impl Standby {
                 StandbyAction::Apply(header) => {
                     let b = body.take().expect("core orders apply only after a body");
                     self.check_restorable(&header, &b, layout)?;
-                    self.apply(&header, &b)?;
+                    let defer = fenced
+                        && header.kind == EpochKind::Sync
+                        && self.backup.as_ref().is_some_and(|b| b.checkpoint.is_some());
+                    if defer {
+                        // Out of the slot (the primary reuses it after the ack) into a file.
+                        let kept = b.into_owned(header.epoch)?;
+                        self.deferred.push((header, kept));
+                    } else {
+                        if header.kind == EpochKind::Checkpoint {
+                            for (h, d) in std::mem::take(&mut self.deferred) {
+                                self.apply(&h, &d)?;
+                            }
+                        }
+                        self.apply(&header, &b)?;
+                        if header.kind == EpochKind::Checkpoint {
+                            if let Some(backup) = &mut self.backup {
+                                backup.lineage = token;
+                            }
+                        }
+                    }
                     core.heard(Instant::now());
                     progress.epochs += 1;
                     let ack = core.applied();
@@ -671,6 +728,7 @@ impl Standby {
                 last_applied: 0,
                 checkpoint: None,
                 armed: false,
+                lineage: [0; NONCE_LEN],
             });
         }
         let slot_layout = SlotLayout {
@@ -793,6 +851,7 @@ impl Standby {
 /// A received epoch body: in a staging slot, or, when larger than a slot, its page index and
 /// state in memory and its pages in an unlinked temporary file (so no buffer of the epoch's
 /// size is ever needed).
+#[derive(Debug)]
 enum Body {
     Slot(rmc_staging::Slot),
     Spilled {
@@ -804,6 +863,23 @@ enum Body {
 }
 
 impl Body {
+    /// The same body held outside the staging slots (its pages in an unlinked temporary
+    /// file), so that its slot can be reused.
+    fn into_owned(self, epoch: u64) -> Result<Body, StandbyError> {
+        let Body::Slot(s) = self else {
+            return Ok(self);
+        };
+        let fail = |e: std::io::Error| StandbyError::Spill { epoch, source: e };
+        let file = temp_file(epoch).map_err(fail)?;
+        std::os::unix::fs::FileExt::write_all_at(&file, s.data(), 0).map_err(fail)?;
+        Ok(Body::Spilled {
+            index: s.index_bytes().to_vec(),
+            file,
+            state: s.state().to_vec(),
+            checksum: wire::checksum(&[s.index_bytes(), s.data(), s.state()]),
+        })
+    }
+
     fn index_bytes(&self) -> &[u8] {
         match self {
             Body::Slot(s) => s.index_bytes(),
@@ -846,19 +922,7 @@ fn spill(
         epoch: header.epoch,
         source: e,
     };
-    let path = std::env::temp_dir().join(format!(
-        "rmc-standby-{}-epoch-{}",
-        std::process::id(),
-        header.epoch
-    ));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(fail)?;
-    // Unlinked at once: the pages vanish with the file handle, whatever happens.
-    std::fs::remove_file(&path).map_err(fail)?;
+    let file = temp_file(header.epoch).map_err(fail)?;
     let mut hash = wire::Hasher::new();
     let mut index = vec![0u8; pages * 8];
     reader.read_full(&mut index, "an epoch's page index", idle)?;
@@ -883,6 +947,24 @@ fn spill(
         state,
         checksum: hash.finish(),
     })
+}
+
+/// A new temporary file for an epoch's pages, unlinked at once: the pages vanish with the
+/// file handle, whatever happens.
+fn temp_file(epoch: u64) -> std::io::Result<std::fs::File> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "rmc-standby-{}-epoch-{epoch}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
 }
 
 /// While a read waits: give up when the primary went silent (heartbeats go out from their

@@ -229,7 +229,7 @@ fn send_delivered(p: &mut Peer, bytes: &[u8]) {
 /// Completes the handshake with `secret` and `layout`; returns the standby's last applied epoch.
 fn handshake(p: &mut Peer, secret: &[u8], layout: Layout) -> u64 {
     let last = match offer_with(p, secret, layout) {
-        Message::Accept { last_applied } => last_applied,
+        Message::Accept { last_applied, .. } => last_applied,
         other => panic!("expected accept, got {other:?}"),
     };
     if p.transport == Transport::Rdma {

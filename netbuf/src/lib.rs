@@ -140,6 +140,17 @@ impl<P: PacketSize> NetBuf<P> {
         out
     }
 
+    /// A new session, whose checkpoints are numbered afresh, takes over what is held: every
+    /// packet goes back to the open epoch, in the order the guest sent them, to leave with
+    /// the new session's first acknowledged checkpoint (taken after all of them, so it covers
+    /// what each depended on). Nothing is released or dropped.
+    pub fn reopen(&mut self) {
+        let mut open: VecDeque<P> = self.closed.drain(..).map(|(_, p)| p).collect();
+        open.append(&mut self.open);
+        self.open = open;
+        self.last_closed = 0;
+    }
+
     /// Everything held, closed epochs first (no standby any more: the primary runs
     /// unprotected and lets its output go).
     pub fn release_all(&mut self) -> Vec<P> {
@@ -275,6 +286,31 @@ mod tests {
         nb.push(pkt(2, 1)).unwrap();
         nb.close_epoch(3);
         assert_eq!(nb.release(3), vec![pkt(1, 1), pkt(2, 1)]);
+    }
+
+    #[test]
+    fn reopen_keeps_every_packet_for_the_next_sessions_first_checkpoint() {
+        let mut nb = NetBuf::new(Limits::default());
+        nb.push(pkt(1, 1)).unwrap();
+        nb.close_epoch(50);
+        nb.push(pkt(2, 1)).unwrap();
+        nb.close_epoch(51);
+        nb.push(pkt(3, 1)).unwrap();
+        // The session failed before 50 was acked; the next one starts at 49.
+        nb.reopen();
+        assert!(
+            nb.release(51).is_empty(),
+            "nothing leaves before a new checkpoint"
+        );
+        nb.push(pkt(4, 1)).unwrap();
+        nb.close_epoch(49);
+        nb.push(pkt(5, 1)).unwrap();
+        assert!(nb.release(48).is_empty());
+        assert_eq!(
+            nb.release(49),
+            vec![pkt(1, 1), pkt(2, 1), pkt(3, 1), pkt(4, 1)]
+        );
+        assert_eq!(nb.stats().held_packets, 1);
     }
 
     #[test]

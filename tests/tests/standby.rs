@@ -96,7 +96,13 @@ fn a_checkpoint_the_standby_cannot_restore_is_refused_never_acked() {
     })
     .unwrap();
     let answer = r.next_message(&mut hang_guard()).unwrap();
-    assert_eq!(answer, Message::Accept { last_applied: 0 });
+    assert_eq!(
+        answer,
+        Message::Accept {
+            last_applied: 0,
+            lineage: [0; 32]
+        }
+    );
     send_epoch(&mut w, 1, EpochKind::Sync, b"");
     // Checksummed and in order, but its state is not an rmc VM state.
     send_epoch(&mut w, 2, EpochKind::Checkpoint, b"not an rmc VM state");

@@ -18,7 +18,7 @@
 //!    |<----------------------------------------|
 //!    | Auth(proof_p, layout, fence)            |  proof_p = HMAC(secret, "rmc primary v1" | nonce_s | nonce_p)
 //!    |---------------------------------------->|  proof and layout checked
-//!    |        Accept(last_applied) | Refuse    |
+//!    |  Accept(last_applied, lineage) | Refuse |  lineage: session of the backup's checkpoint
 //!    |<----------------------------------------|
 //!    | EpochHeader(e, kind, pages, state_len)  |  e = last_applied + 1, +1 each epoch
 //!    | EpochBody(index | pages | state)       |  streamed into a staging slot
@@ -55,7 +55,7 @@
 //! Auth        proof[32] | layout | fence u64                                      (32 + 28 + 16 x regions + 8)
 //!   layout    page_size u32 | vcpus u32 | slot_pages u32 | slot_count u32 | features u32 |
 //!             state_version u32 | region_count u32 | region_count x (base u64 | len u64)
-//! Accept      last_applied u64                                                    (8)
+//! Accept      last_applied u64 | lineage[32]                                      (40)
 //! Refuse      reason, UTF-8, at most 1,024 bytes
 //! EpochHeader epoch u64 | kind u8 | 3 zero bytes | state_len u32 | page_count u64 (24)
 //! EpochBody   page_count x u64 guest address | page_count x page | state
@@ -201,10 +201,15 @@ pub enum Message {
         /// (0: no arbiter). A standby with an arbiter accepts only the current holder.
         fence: u64,
     },
-    /// See [`MsgType::Accept`]. Payload: last_applied u64.
+    /// See [`MsgType::Accept`]. Payload: last_applied u64 | lineage.
     Accept {
         /// Last epoch the standby has applied from an earlier connection (0: none).
         last_applied: u64,
+        /// When the backup is a consistent checkpoint of epoch `last_applied`: the session
+        /// token (the primary's Hello nonce) of the session that produced it, so that the
+        /// same primary can resume from it, sending only what changed since. Zeros: no
+        /// consistent checkpoint.
+        lineage: [u8; NONCE_LEN],
     },
     /// See [`MsgType::Refuse`]. Payload: UTF-8 reason (at most 1,024 bytes).
     Refuse {
@@ -414,8 +419,12 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             out.extend_from_slice(&fence.to_le_bytes());
             MsgType::Auth
         }
-        Message::Accept { last_applied } => {
+        Message::Accept {
+            last_applied,
+            lineage,
+        } => {
             out.extend_from_slice(&last_applied.to_le_bytes());
+            out.extend_from_slice(lineage);
             MsgType::Accept
         }
         Message::Refuse { reason } => {
@@ -600,9 +609,10 @@ pub fn decode(ty: MsgType, payload: &[u8]) -> Result<Message, WireError> {
             }
         }
         MsgType::Accept => {
-            c.exact(8)?;
+            c.exact(8 + NONCE_LEN)?;
             Message::Accept {
                 last_applied: c.u64(),
+                lineage: c.arr(),
             }
         }
         MsgType::Refuse => {
@@ -969,7 +979,10 @@ mod tests {
                 layout: layout(),
                 fence: 0x0102_0304_0506_0708,
             },
-            Message::Accept { last_applied: 77 },
+            Message::Accept {
+                last_applied: 77,
+                lineage: [8; NONCE_LEN],
+            },
             Message::Refuse {
                 reason: "layout mismatch: é".into(),
             },

@@ -191,6 +191,13 @@ impl Fence {
                             let _ = arbiter.revoke(id);
                             return Err(NoTakeover::OtherPrimary(holder));
                         }
+                        // No use waiting for the lease when the backup is stale anyway.
+                        if let Ok(current) = arbiter.standby_token() {
+                            if current.as_deref() != Some(token) {
+                                let _ = arbiter.revoke(id);
+                                return Err(NoTakeover::StaleBackup(current));
+                            }
+                        }
                         if Instant::now() >= deadline {
                             let _ = arbiter.revoke(id);
                             return Err(NoTakeover::PrimaryAlive(holder));
@@ -246,13 +253,20 @@ impl Fence {
     pub fn forget_standby(&self) -> Result<()> {
         let gate = self.gate();
         loop {
+            if let Some(why) = gate.lost() {
+                bail!("the arbiter lease is lost ({why})");
+            }
+            // Only while the lease is certainly valid (a primary that was frozen waits for its
+            // keeper's verdict): a host that may already be fenced must not take the standby's
+            // right to take over away.
+            if !gate.is_valid() {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
             match self.arbiter.clear_standby(self.revision) {
                 Ok(true) => return Ok(()),
                 Ok(false) => bail!("the arbiter names another primary now"),
                 Err(e) => {
-                    if let Some(why) = gate.lost() {
-                        bail!("the arbiter lease is lost ({why})");
-                    }
                     tracing::warn!("cannot tell the arbiter the standby is gone yet: {e}");
                     std::thread::sleep(Duration::from_millis(100));
                 }

@@ -108,8 +108,11 @@ struct PrimaryArgs {
     #[arg(long, default_value_t = 5.0)]
     summary_interval: f64,
     /// What to do when the standby is lost: `continue` running unprotected (held packets are
-    /// released) or `pause` the VM until a standby is back. Either way the primary reconnects
-    /// every second and protection resumes after a fresh full sync.
+    /// released; with an arbiter, once it no longer names the standby) or `pause` the VM with
+    /// its output held until a standby is back (the standby's checkpoint stays current, so
+    /// with an arbiter it may still take over). Either way the primary reconnects every
+    /// second; a standby that still holds a checkpoint of the last session gets only the
+    /// pages changed since, any other a full sync.
     #[arg(long, value_enum, default_value = "continue")]
     on_standby_loss: StandbyLoss,
     /// Output commit: most bytes of guest packets held while their checkpoint is unacknowledged
@@ -757,9 +760,15 @@ fn protect(
             paused = false;
         }
         println!(
-            "rmc: protected by the standby at {} over {}",
+            "rmc: protected by the standby at {} over {}{}",
             standby,
-            primary.transport()
+            primary.transport(),
+            if primary.resumed() {
+                " (resumed: it still holds a checkpoint of the last session, only what changed \
+                 since is sent)"
+            } else {
+                ""
+            }
         );
         // Tell when the standby first holds a consistent checkpoint (it can fail over from then
         // on; before, it only has the full sync). `rmc demo` waits for this line.
@@ -814,31 +823,37 @@ fn protect(
                 return Ok(ExitCode::SUCCESS);
             }
             Err(e) => {
-                // The guest's state is the only copy now: its held output may leave, once the
-                // arbiter no longer lets the standby take over from its older checkpoint.
-                if let Some(f) = &fence {
-                    if let Err(why) = f.forget_standby() {
-                        eprintln!(
-                            "rmc: FENCED: lost the standby ({}) and {why}: stopping this VM for \
-                             good; its held output never left",
-                            rmc_mc::standby::error_chain(&e)
-                        );
-                        return Ok(ExitCode::from(3));
-                    }
-                }
-                vm.disable_output_commit();
-                let what = match how.on_standby_loss {
-                    StandbyLoss::Continue => "running unprotected",
-                    StandbyLoss::Pause => "VM paused",
-                };
-                eprintln!(
-                    "rmc: lost the standby: {}; {what}, reconnecting to {} every second",
-                    rmc_mc::standby::error_chain(&e),
-                    standby
-                );
                 if how.on_standby_loss == StandbyLoss::Pause {
+                    // The guest stops and nothing it sent leaves: the standby's checkpoint
+                    // stays current (an arbiter still names it), and what is held leaves with
+                    // the next session's first checkpoint.
                     vm.pause();
                     paused = true;
+                    eprintln!(
+                        "rmc: lost the standby: {}; VM paused with its output held, reconnecting \
+                         to {standby} every second",
+                        rmc_mc::standby::error_chain(&e),
+                    );
+                } else {
+                    // The guest's state is the only copy now: its held output may leave, once
+                    // the arbiter no longer lets the standby take over from its older
+                    // checkpoint.
+                    if let Some(f) = &fence {
+                        if let Err(why) = f.forget_standby() {
+                            eprintln!(
+                                "rmc: FENCED: lost the standby ({}) and {why}: stopping this VM \
+                                 for good; its held output never left",
+                                rmc_mc::standby::error_chain(&e)
+                            );
+                            return Ok(ExitCode::from(3));
+                        }
+                    }
+                    vm.disable_output_commit();
+                    eprintln!(
+                        "rmc: lost the standby: {}; running unprotected, reconnecting to \
+                         {standby} every second",
+                        rmc_mc::standby::error_chain(&e),
+                    );
                 }
                 std::thread::sleep(Duration::from_secs(1));
             }
@@ -909,7 +924,9 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
                     ep,
                     ttl,
                     &me,
-                    &s.token_hex(),
+                    // The session whose checkpoint the backup holds (with an arbiter, sync
+                    // epochs of a later session leave it intact).
+                    &sb.backup().map(|b| b.lineage_hex()).unwrap_or_default(),
                     s.fence,
                     ttl * 2 + Duration::from_secs(1),
                 ) {

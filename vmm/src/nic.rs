@@ -151,6 +151,11 @@ impl OutputCommit {
         self.send(out);
     }
 
+    /// A new session takes over what is held (see [`rmc_netbuf::NetBuf::reopen`]).
+    pub fn reopen(&self) {
+        self.buf.lock().reopen();
+    }
+
     /// Sends everything held (protection ended).
     pub fn release_all(&self) {
         let out = self.buf.lock().release_all();

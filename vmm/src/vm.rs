@@ -561,8 +561,15 @@ impl Vm {
     }
 
     /// Turns output commit on: from now on every packet the guest sends is held until
-    /// [`rmc_mc::Guest::release_output`] covers the checkpoint it belongs to.
+    /// [`rmc_mc::Guest::release_output`] covers the checkpoint it belongs to. When it is still
+    /// on (a session ended with output kept back), what is held waits for the next session.
     pub fn enable_output_commit(&self, limits: rmc_netbuf::Limits) -> Result<(), VmError> {
+        if let Some(held) = self.output.lock().as_ref() {
+            // Still on from a session that ended (its output kept back): the new session's
+            // first checkpoint releases it.
+            held.reopen();
+            return Ok(());
+        }
         let mut nic = self.devices.nic.lock();
         let socket = nic
             .socket_clone()
