@@ -1161,6 +1161,13 @@ fn failover(
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
+            Err(e @ rmc_vmm::VmError::Bind { .. }) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "Failover: udp {service} was still in use after {bind_timeout:?} (is the old \
+                     primary still running on this host? raise --bind-timeout); the backup of \
+                     epoch {epoch} is lost with this process"
+                )))
+            }
             Err(e) => {
                 return Err(
                     anyhow::Error::new(e).context("Failover: cannot build the VM from the backup")
