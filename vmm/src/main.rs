@@ -909,6 +909,7 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
     let mut served = 0;
     while a.sessions.is_none_or(|n| served < n) {
         let s = sb.serve_one()?;
+        let mut stale = false;
         served += 1;
         if sb.should_fail_over(&s) {
             if let Some(service) = a.service_addr {
@@ -941,7 +942,10 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
                             next,
                         )
                     }
-                    Err(why) => println!("rmc: not taking over: {why}; waiting for a primary"),
+                    Err(why) => {
+                        stale = matches!(why, fencing::NoTakeover::StaleBackup(_));
+                        println!("rmc: not taking over: {why}; waiting for a primary")
+                    }
                 }
             }
         }
@@ -955,6 +959,9 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
                 Err(e) => format!("error: {}", error_chain(e)),
             },
             match backup.map(|b| (b.checkpoint, b.armed)) {
+                Some((Some(e), _)) if stale => format!(
+                    "consistent checkpoint of epoch {e}, stale (the primary ran on past it)"
+                ),
                 Some((Some(e), true)) => format!("consistent checkpoint of epoch {e}"),
                 Some((Some(e), false)) => format!(
                     "consistent checkpoint of epoch {e}, released (no failover to it until a \
