@@ -39,6 +39,8 @@ pub struct Fence {
     arbiter: Arbiter,
     keeper: Option<LeaseKeeper>,
     revision: i64,
+    /// Set when the key is given up on purpose: not a reason to stop.
+    resigned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Fence {
@@ -110,6 +112,7 @@ impl Fence {
                         arbiter,
                         keeper: Some(keeper),
                         revision,
+                        resigned: Arc::default(),
                     });
                 }
                 Ok(Campaign::Held { holder, .. }) => {
@@ -178,6 +181,7 @@ impl Fence {
                             keeper: Some(keeper(&arbiter, l, granted_at)),
                             arbiter,
                             revision,
+                            resigned: Arc::default(),
                         };
                         // This host serves the VM now, unprotected: no standby holds its
                         // backup any more.
@@ -278,10 +282,17 @@ impl Fence {
     /// may serve the VM. The send gate already lets nothing out by then.
     pub fn exit_when_lost(&self) {
         let gate = self.gate();
+        let resigned = self.resigned.clone();
         std::thread::Builder::new()
             .name("rmc-fence-watch".into())
             .spawn(move || loop {
+                if resigned.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
                 if let Some(why) = gate.lost() {
+                    if resigned.load(std::sync::atomic::Ordering::Acquire) {
+                        return;
+                    }
                     eprintln!(
                         "rmc: FENCED: {why}; another host may serve the VM now: stopping this VM \
                          for good (no output left it after its lease was uncertain)"
@@ -295,9 +306,20 @@ impl Fence {
 
     /// Gives the key up (a primary that ends on purpose): another may go live at once.
     pub fn resign(mut self) {
+        self.resigned
+            .store(true, std::sync::atomic::Ordering::Release);
         if let Some(k) = self.keeper.take() {
             k.resign();
         }
+    }
+}
+
+impl Drop for Fence {
+    fn drop(&mut self) {
+        // The process is ending on its own terms (its error says why): the keeper stopping
+        // with it is no fencing.
+        self.resigned
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 }
 
