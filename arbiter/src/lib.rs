@@ -35,13 +35,13 @@ pub use keeper::{LeaseGate, LeaseKeeper};
 #[derive(Debug, thiserror::Error)]
 pub enum ArbiterError {
     /// Could not connect, timed out, or the connection failed mid-request.
-    #[error("Cannot reach the arbiter at {endpoint}: {source}")]
+    #[error("Cannot reach the arbiter at {endpoint}: {cause}")]
     Unreachable {
         /// The endpoint we tried, as `etcd://HOST:PORT/prefix`.
         endpoint: String,
-        /// What went wrong underneath.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        /// What went wrong underneath (in the message, not a separate source, so that error
+        /// chains do not say it twice).
+        cause: Box<dyn std::error::Error + Send + Sync>,
     },
     /// etcd answered with a status other than 200.
     #[error("the arbiter answered HTTP {status}: {body}")]
@@ -384,7 +384,7 @@ impl Arbiter {
     fn unreachable(&self, e: impl std::error::Error + Send + Sync + 'static) -> ArbiterError {
         ArbiterError::Unreachable {
             endpoint: self.display.clone(),
-            source: Box::new(e),
+            cause: Box::new(e),
         }
     }
 

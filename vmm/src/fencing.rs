@@ -104,7 +104,7 @@ impl Fence {
             let granted_at = Instant::now();
             let lease = arbiter
                 .grant(ttl)
-                .with_context(|| format!("Cannot get a lease from the arbiter at {endpoint}"))?;
+                .context("Going live needs a lease from the arbiter")?;
             match arbiter.campaign(me, lease.id, None) {
                 Ok(Campaign::Won { revision }) => {
                     let keeper = keeper(&arbiter, lease, granted_at);
@@ -136,8 +136,9 @@ impl Fence {
                 Ok(Campaign::StaleBackup { .. }) => unreachable!("no standby token was required"),
                 Err(e) => {
                     let _ = arbiter.revoke(lease.id);
-                    return Err(anyhow::Error::new(e)
-                        .context(format!("Cannot campaign at the arbiter at {endpoint}")));
+                    return Err(
+                        anyhow::Error::new(e).context("Going live needs the arbiter's primary key")
+                    );
                 }
             }
         }
