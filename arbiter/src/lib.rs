@@ -68,6 +68,17 @@ pub struct Lease {
     pub ttl: Duration,
 }
 
+/// What a campaign requires of `{prefix}/standby`.
+#[derive(Debug, Clone, Copy)]
+enum StandbyRule<'a> {
+    /// Nothing.
+    Any,
+    /// It names this session.
+    Is(&'a str),
+    /// It does not exist.
+    Absent,
+}
+
 /// What a campaign found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Campaign {
@@ -275,15 +286,40 @@ impl Arbiter {
         lease: i64,
         standby_token: Option<&str>,
     ) -> Result<Campaign, ArbiterError> {
+        let rule = match standby_token {
+            Some(t) => StandbyRule::Is(t),
+            None => StandbyRule::Any,
+        };
+        self.campaign_with(me, lease, rule)
+    }
+
+    /// A campaign for a VM that starts afresh: wins only if no host is primary AND no standby
+    /// holds the VM's current state (`{prefix}/standby` absent). When a standby record exists
+    /// the answer is `StaleBackup { current: Some(token) }`: that standby's checkpoint, not a
+    /// new VM, is the VM's state.
+    pub fn campaign_fresh(&self, me: &str, lease: i64) -> Result<Campaign, ArbiterError> {
+        self.campaign_with(me, lease, StandbyRule::Absent)
+    }
+
+    fn campaign_with(
+        &self,
+        me: &str,
+        lease: i64,
+        rule: StandbyRule<'_>,
+    ) -> Result<Campaign, ArbiterError> {
         let primary = self.key("primary");
         let standby = self.key("standby");
         let mut compare = vec![json!({
             "key": primary, "target": "CREATE", "result": "EQUAL", "create_revision": "0"
         })];
-        if let Some(token) = standby_token {
-            compare.push(json!({
+        match rule {
+            StandbyRule::Any => {}
+            StandbyRule::Is(token) => compare.push(json!({
                 "key": standby, "target": "VALUE", "result": "EQUAL", "value": B64.encode(token)
-            }));
+            })),
+            StandbyRule::Absent => compare.push(json!({
+                "key": standby, "target": "CREATE", "result": "EQUAL", "create_revision": "0"
+            })),
         }
         let txn = json!({
             "compare": compare,
@@ -318,7 +354,7 @@ impl Arbiter {
                 lease: kv.lease,
             });
         }
-        if standby_token.is_none() {
+        if matches!(rule, StandbyRule::Any) {
             return Err(ArbiterError::Protocol(format!(
                 "campaign txn failed but {} is free: {v}",
                 self.key("primary")

@@ -392,3 +392,50 @@ fn unreachable_endpoint_fails_quickly() {
         );
     }
 }
+
+/// A VM that starts afresh may not go live over a standby that holds the VM's current state:
+/// `campaign_fresh` needs both keys absent, and says which standby holds the state.
+#[test]
+fn a_fresh_vm_does_not_go_live_over_a_standby_record() {
+    let Some((_etcd, arb)) = setup("a_fresh_vm_does_not_go_live_over_a_standby_record") else {
+        return;
+    };
+    let a = arb.grant(Duration::from_secs(10)).unwrap();
+    let Campaign::Won { revision: rev_a } = arb.campaign_fresh("host-a", a.id).unwrap() else {
+        panic!("nothing recorded yet: a fresh VM goes live");
+    };
+    assert!(arb.mark_standby(rev_a, "session-1").unwrap());
+    // The primary dies; its standby's record stays.
+    arb.revoke(a.id).unwrap();
+    let b = arb.grant(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        arb.campaign_fresh("host-b", b.id).unwrap(),
+        Campaign::StaleBackup {
+            current: Some("session-1".into())
+        }
+    );
+    assert_eq!(
+        arb.primary().unwrap(),
+        None,
+        "a refused campaign writes nothing"
+    );
+    // A live holder is reported as such.
+    let Campaign::Won { revision: rev_s } =
+        arb.campaign("standby", b.id, Some("session-1")).unwrap()
+    else {
+        panic!("the standby with the recorded session wins");
+    };
+    let c = arb.grant(Duration::from_secs(10)).unwrap();
+    assert!(matches!(
+        arb.campaign_fresh("host-c", c.id).unwrap(),
+        Campaign::Held { revision, .. } if revision == rev_s
+    ));
+    // Once the record is cleared (a VM given up on purpose) and the holder gone, a fresh VM
+    // may go live.
+    assert!(arb.clear_standby(rev_s).unwrap());
+    arb.revoke(b.id).unwrap();
+    assert!(matches!(
+        arb.campaign_fresh("host-c", c.id).unwrap(),
+        Campaign::Won { .. }
+    ));
+}

@@ -105,7 +105,7 @@ impl Fence {
             let lease = arbiter
                 .grant(ttl)
                 .context("Going live needs a lease from the arbiter")?;
-            match arbiter.campaign(me, lease.id, None) {
+            match arbiter.campaign_fresh(me, lease.id) {
                 Ok(Campaign::Won { revision }) => {
                     let keeper = keeper(&arbiter, lease, granted_at);
                     return Ok(Fence {
@@ -133,7 +133,16 @@ impl Fence {
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                Ok(Campaign::StaleBackup { .. }) => unreachable!("no standby token was required"),
+                Ok(Campaign::StaleBackup { current }) => {
+                    let _ = arbiter.revoke(lease.id);
+                    bail!(
+                        "The arbiter at {endpoint} says a standby holds this VM's current state \
+                         (session {}): that standby takes over from it; a new VM must not go live \
+                         over it. If that state is to be discarded: etcdctl del {}/standby",
+                        current.as_deref().unwrap_or("?"),
+                        endpoint.prefix
+                    );
+                }
                 Err(e) => {
                     let _ = arbiter.revoke(lease.id);
                     return Err(
@@ -305,10 +314,12 @@ impl Fence {
             .expect("spawn the fence watcher");
     }
 
-    /// Gives the key up (a primary that ends on purpose): another may go live at once.
+    /// Gives the VM up (a primary that ends on purpose, after its standby's goodbye): no
+    /// standby holds its current state any more and another may go live at once.
     pub fn resign(mut self) {
         self.resigned
             .store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.arbiter.clear_standby(self.revision);
         if let Some(k) = self.keeper.take() {
             k.resign();
         }
