@@ -122,13 +122,30 @@ pub struct Backup {
     pub armed: bool,
     /// The session (its token, the primary's Hello nonce) that produced the checkpoint.
     pub lineage: [u8; NONCE_LEN],
+    /// The session before, when the latest checkpoint came from a later session of the same
+    /// primary timeline (a re-sync): as long as the arbiter still names that earlier session,
+    /// its primary released nothing past it, so the newer checkpoint may take over too.
+    pub previous_lineage: Option<[u8; NONCE_LEN]>,
 }
 
 impl Backup {
     /// The checkpoint's session token as lowercase hex (as the arbiter stores it).
     pub fn lineage_hex(&self) -> String {
-        self.lineage.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.lineage)
     }
+
+    /// The session tokens under which the arbiter may let this backup take over: its own and,
+    /// after a re-sync, the session before (see [`Backup::previous_lineage`]).
+    pub fn takeover_tokens(&self) -> Vec<String> {
+        std::iter::once(self.lineage)
+            .chain(self.previous_lineage)
+            .map(|t| hex(&t))
+            .collect()
+    }
+}
+
+fn hex(t: &[u8; NONCE_LEN]) -> String {
+    t.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Why a connection ended.
@@ -669,7 +686,13 @@ impl Standby {
                         self.apply(&header, &b)?;
                         if header.kind == EpochKind::Checkpoint {
                             if let Some(backup) = &mut self.backup {
-                                backup.lineage = token;
+                                if backup.lineage != token {
+                                    // A checkpoint of a new session: the previous one stays
+                                    // a valid name for it until the primary records this one.
+                                    backup.previous_lineage = (backup.lineage != [0; NONCE_LEN])
+                                        .then_some(backup.lineage);
+                                    backup.lineage = token;
+                                }
                             }
                         }
                     }
@@ -729,6 +752,7 @@ impl Standby {
                 checkpoint: None,
                 armed: false,
                 lineage: [0; NONCE_LEN],
+                previous_lineage: None,
             });
         }
         let slot_layout = SlotLayout {

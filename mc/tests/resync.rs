@@ -271,6 +271,10 @@ fn first_session(sb: Standby) -> (Standby, Vec<u8>) {
     assert_eq!(b.checkpoint, Some(2));
     assert_eq!(b.last_applied, 2);
     assert_eq!(b.lineage, N1);
+    assert_eq!(
+        b.previous_lineage, None,
+        "the first checkpoint has no session before it"
+    );
     assert!(b.armed, "session 1 ended without a goodbye: armed");
     assert_eq!(b.state, b"state of session 1");
     assert!(sb.should_fail_over(&s));
@@ -372,6 +376,11 @@ fn a_new_sessions_sync_epochs_leave_the_checkpoint_intact_until_its_first_checkp
     assert_eq!(b.checkpoint, Some(5));
     assert_eq!(b.last_applied, 5);
     assert_eq!(b.lineage, N3);
+    // Until the primary records session 3, the arbiter may still name session 1, under which
+    // this newer checkpoint is current too.
+    assert_eq!(b.previous_lineage, Some(N1));
+    assert_eq!(b.takeover_tokens().len(), 2);
+    assert_eq!(b.takeover_tokens()[0], b.lineage_hex());
     assert_eq!(b.state, b"state of session 3");
     assert!(!b.armed, "a goodbye releases the backup");
     assert!(!sb.should_fail_over(&s));

@@ -287,6 +287,17 @@ fn start_standby(
 /// Starts `rmc primary` protected by the standby at `standby`; returns it and its service
 /// address, once the standby acknowledged its first checkpoint.
 fn start_primary(what: &str, secret: &Path, arbiter: &str, standby: &str) -> (Rmc, SocketAddr) {
+    start_primary_with(what, secret, arbiter, standby, "continue")
+}
+
+/// [`start_primary`] with this `--on-standby-loss`.
+fn start_primary_with(
+    what: &str,
+    secret: &Path,
+    arbiter: &str,
+    standby: &str,
+    on_standby_loss: &str,
+) -> (Rmc, SocketAddr) {
     let secret = secret.display().to_string();
     let mut args = vec![
         "primary",
@@ -303,7 +314,7 @@ fn start_primary(what: &str, secret: &Path, arbiter: &str, standby: &str) -> (Rm
         "--transport",
         "tcp",
         "--on-standby-loss",
-        "continue",
+        on_standby_loss,
         "--log",
         "warn",
         "--arbiter",
@@ -700,5 +711,54 @@ fn resume_after_the_standby_was_frozen() {
         gap(killed_a)
     );
     println!("{tails}");
+    drop(etcd);
+}
+
+/// `--on-standby-loss pause` keeps everything the guest sent held and the arbiter's record of
+/// the standby: a primary that loses its standby and then dies leaves that standby's
+/// checkpoint current, so the standby takes over once it is back, with no contradiction.
+#[test]
+fn a_paused_primary_keeps_its_standby_current() {
+    const NAME: &str = "a_paused_primary_keeps_its_standby_current";
+    if !can_run(NAME) {
+        return;
+    }
+    let _serial = serial();
+    let etcd = EtcdServer::start("/rmc/chain-pause").unwrap_or_else(|e| panic!("etcd: {e}"));
+    let arbiter = etcd.endpoint.to_string();
+    let (_dir, secret) = secret_file();
+    let (mut b, b_addr) = start_standby("B", &secret, &arbiter, None);
+    let (mut a, service) = start_primary_with("A", &secret, &arbiter, &b_addr, "pause");
+    let mut clients = Clients::start(service, CLIENTS, 0x2e60_0000_0000);
+    clients.wait_served_since(Instant::now(), SERVED_REQUESTS, "A while protected");
+
+    // B frozen: A notices, pauses its VM and holds what it sent.
+    signal(b.pid(), libc::SIGSTOP);
+    let (on_stderr, lost) = a.wait_for("rmc: lost the standby", UP);
+    assert!(on_stderr, "A: {lost:?} came on stdout");
+    assert!(lost.contains("VM paused with its output held"), "{lost}");
+    // A dies while B is still frozen; then B comes back.
+    let killed_a = a.kill();
+    signal(b.pid(), libc::SIGCONT);
+    let b_failed = b.wait_for_stdout("rmc: failed over at epoch ", FAILOVER);
+    clients.wait_served_since(killed_a, SERVED_REQUESTS, "B after A was killed");
+    std::thread::sleep(Duration::from_secs(1));
+    let outcomes = clients.stop();
+    let stopped = Instant::now();
+
+    let b_early = b.finish();
+    a.poll();
+    let tails = [a.report(), b.report()].join("\n");
+    assert!(
+        b_early.is_none(),
+        "{} (B should have been serving)\n{tails}",
+        b_early.unwrap_or_default()
+    );
+    assert!(!b.saw("rmc: not taking over"), "{tails}");
+    let summary = check_clients(&clients, &outcomes, &tails);
+    let by_b = clients.answered_between(killed_a, stopped);
+    assert!(by_b > 0, "{tails}");
+    println!("paused primary killed, its standby back: {summary}");
+    println!("  A {lost}; B {b_failed}; {by_b} requests sent after the kill answered");
     drop(etcd);
 }

@@ -154,16 +154,18 @@ impl Fence {
     }
 
     /// A standby takes over: wins the primary key once the lost primary's lease ran out,
-    /// provided the arbiter still names `token` (this standby's session) as holding the
-    /// current backup. Retries until `wait` passes.
+    /// provided the arbiter still names one of `tokens` (the sessions under which this
+    /// standby's backup is current, its own first) as holding the current backup. Retries
+    /// until `wait` passes.
     pub fn take_over(
         endpoint: &Endpoint,
         ttl: Duration,
         me: &str,
-        token: &str,
+        tokens: &[String],
         lost_fence: u64,
         wait: Duration,
     ) -> Result<Fence, NoTakeover> {
+        let mut token = tokens.first().map(String::as_str).unwrap_or_default();
         let arbiter = Arbiter::new(endpoint.clone(), REQUEST_TIMEOUT);
         let deadline = Instant::now() + wait;
         let mut last_err = String::new();
@@ -207,9 +209,12 @@ impl Fence {
                         }
                         // No use waiting for the lease when the backup is stale anyway.
                         if let Ok(current) = arbiter.standby_token() {
-                            if current.as_deref() != Some(token) {
-                                let _ = arbiter.revoke(id);
-                                return Err(NoTakeover::StaleBackup(current));
+                            match current.as_deref() {
+                                Some(c) if tokens.iter().any(|t| t == c) => {}
+                                _ => {
+                                    let _ = arbiter.revoke(id);
+                                    return Err(NoTakeover::StaleBackup(current));
+                                }
                             }
                         }
                         if Instant::now() >= deadline {
@@ -219,8 +224,21 @@ impl Fence {
                         last_err = format!("the primary key is still held by {holder}");
                     }
                     Ok(Campaign::StaleBackup { current }) => {
-                        let _ = arbiter.revoke(id);
-                        return Err(NoTakeover::StaleBackup(current));
+                        match current.as_deref() {
+                            // Named under another of our sessions: try with that one.
+                            Some(c)
+                                if c != token
+                                    && tokens.iter().any(|t| t == c)
+                                    && Instant::now() < deadline =>
+                            {
+                                token = tokens.iter().find(|t| *t == c).expect("found");
+                                continue;
+                            }
+                            _ => {
+                                let _ = arbiter.revoke(id);
+                                return Err(NoTakeover::StaleBackup(current));
+                            }
+                        }
                     }
                     Err(e) => {
                         last_err = e.to_string();

@@ -927,7 +927,7 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
                     &me,
                     // The session whose checkpoint the backup holds (with an arbiter, sync
                     // epochs of a later session leave it intact).
-                    &sb.backup().map(|b| b.lineage_hex()).unwrap_or_default(),
+                    &sb.backup().map(|b| b.takeover_tokens()).unwrap_or_default(),
                     s.fence,
                     ttl * 2 + Duration::from_secs(1),
                 ) {
