@@ -185,7 +185,7 @@ impl Fence {
                     Err(e) => last_err = e.to_string(),
                 }
             }
-            if let Some((id, granted_at)) = lease.as_ref().map(|(l, at)| (l.id, *at)) {
+            if let Some(id) = lease.as_ref().map(|(l, _)| l.id) {
                 match arbiter.campaign(me, id, Some(token)) {
                     Ok(Campaign::Won { revision }) => {
                         let (l, granted_at) = lease.take().expect("a lease was granted");
@@ -246,7 +246,6 @@ impl Fence {
                         if matches!(e, ArbiterError::LeaseExpired(_)) {
                             lease = None;
                         }
-                        let _ = granted_at;
                     }
                 }
             }
