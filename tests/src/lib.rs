@@ -13,6 +13,7 @@
 //! [`netns`] builds two "hosts" (network namespaces on a bridge) for fault trials.
 
 pub mod netns;
+pub mod process;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;

@@ -20,18 +20,17 @@
 //! `RMC_REQUIRE_ETCD=1`, which make them fail instead. Every wait has a deadline: a hang
 //! guard, not a speed criterion.
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rmc_arbiter::testing::{etcd_available, EtcdServer};
-use rmc_tests::{kill_within, kvm_available, rmc_bin};
+use rmc_tests::process::Rmc;
+use rmc_tests::{kvm_available, rmc_bin};
 use rmc_vmm::service::{Checker, Client, ClientError, Reply, SharedChecker};
 
 /// A line a starting process prints once it is up (a boot, a full sync, a first checkpoint).
@@ -39,8 +38,6 @@ const UP: Duration = Duration::from_secs(60);
 /// A failover line after a SIGKILL: the lease TTL (2 s) plus building the VM, on a loaded
 /// machine.
 const FAILOVER: Duration = Duration::from_secs(60);
-/// A killed process going away and its output ending.
-const EXIT: Duration = Duration::from_secs(30);
 /// A request whose resends got no answer for this long counts as unanswered.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(15);
 /// A client resends its request after this long without an answer.
@@ -89,160 +86,11 @@ fn signal(pid: u32, sig: libc::c_int) {
     );
 }
 
-/// A line of a child's output: whether it came on stderr, and its text.
-type Line = (bool, String);
-
-fn forward_tagged(r: impl Read + Send + 'static, stderr: bool, tx: Sender<Line>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            let _ = tx.send((stderr, line));
-        }
-    });
-}
-
-/// An `rmc` process, its stdout and stderr read line by line (all kept, tagged).
-/// SIGKILLed when dropped.
-struct Rmc {
-    child: Child,
-    what: String,
-    out: Receiver<Line>,
-    lines: Vec<Line>,
-}
-
-impl Rmc {
-    fn spawn(what: &str, args: &[&str]) -> Rmc {
-        let what = format!("{what} (rmc {})", args[0]);
-        let mut child = Command::new(rmc_bin())
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let (tx, out) = mpsc::channel();
-        forward_tagged(child.stdout.take().expect("piped"), false, tx.clone());
-        forward_tagged(child.stderr.take().expect("piped"), true, tx);
-        Rmc {
-            child,
-            what,
-            out,
-            lines: Vec::new(),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits at most `deadline` for a line starting with `prefix` (stdout or stderr), keeping
-    /// every line; returns it and whether it came on stderr. Panics with everything the
-    /// process printed if none comes.
-    fn wait_for(&mut self, prefix: &str, deadline: Duration) -> Line {
-        let until = Instant::now() + deadline;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match self.out.recv_timeout(left) {
-                Ok(line) => {
-                    self.lines.push(line.clone());
-                    if line.1.starts_with(prefix) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!(
-                    "{} printed no line starting {prefix:?} ({}); it printed:\n{}",
-                    self.what,
-                    match e {
-                        RecvTimeoutError::Timeout => format!("within {deadline:?}"),
-                        RecvTimeoutError::Disconnected => "and ended its output".to_string(),
-                    },
-                    self.all()
-                ),
-            }
-        }
-    }
-
-    /// [`Rmc::wait_for`] on stdout only (the lines of protocol events are printed there).
-    fn wait_for_stdout(&mut self, prefix: &str, deadline: Duration) -> String {
-        let (stderr, line) = self.wait_for(prefix, deadline);
-        assert!(
-            !stderr,
-            "{}: expected {line:?} on stdout, it came on stderr",
-            self.what
-        );
-        line
-    }
-
-    /// Takes the lines printed so far without waiting.
-    fn poll(&mut self) {
-        while let Ok(line) = self.out.try_recv() {
-            self.lines.push(line);
-        }
-    }
-
-    /// Whether a line read so far starts with `prefix`.
-    fn saw(&self, prefix: &str) -> bool {
-        self.lines.iter().any(|(_, l)| l.starts_with(prefix))
-    }
-
-    /// SIGKILLs the process and reaps it; returns when it is gone.
-    fn kill(&mut self) -> Instant {
-        assert!(
-            matches!(self.child.try_wait(), Ok(None)),
-            "{} had exited before it was to be killed:\n{}",
-            self.what,
-            self.all()
-        );
-        assert!(
-            kill_within(&mut self.child, EXIT, &self.what),
-            "{} did not go away after SIGKILL",
-            self.what
-        );
-        Instant::now()
-    }
-
-    /// Ends the process (SIGKILL) and reads the rest of its output; returns how it had
-    /// exited if it was gone already.
-    fn finish(&mut self) -> Option<String> {
-        let early = match self.child.try_wait() {
-            Ok(Some(status)) => Some(format!("{} had exited by itself: {status}", self.what)),
-            _ => None,
-        };
-        kill_within(&mut self.child, EXIT, &self.what);
-        let until = Instant::now() + EXIT;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match self.out.recv_timeout(left) {
-                Ok(line) => self.lines.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    eprintln!("warning: the output of {} did not end", self.what);
-                    break;
-                }
-            }
-        }
-        early
-    }
-
-    /// Everything read so far, stderr lines marked.
-    fn all(&self) -> String {
-        self.lines
-            .iter()
-            .map(|(err, l)| format!("    {}{l}", if *err { "[stderr] " } else { "" }))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn report(&self) -> String {
-        format!("  --- {}:\n{}", self.what, self.all())
-    }
-}
-
-impl Drop for Rmc {
-    fn drop(&mut self) {
-        kill_within(&mut self.child, EXIT, &self.what);
-    }
+/// Starts `rmc ARGS`; `what` names it in messages.
+fn spawn_rmc(what: &str, args: &[&str]) -> Rmc {
+    let mut cmd = Command::new(rmc_bin());
+    cmd.args(args);
+    Rmc::spawn(format!("{what} (rmc {})", args[0]), cmd)
 }
 
 /// Starts `rmc standby` (`what` names it in messages) with `--service-addr primary`, the
@@ -273,7 +121,7 @@ fn start_standby(
     if let Some(next) = protect_with {
         args.extend(["--protect-with", next]);
     }
-    let mut sb = Rmc::spawn(what, &args);
+    let mut sb = spawn_rmc(what, &args);
     const LISTENING: &str = "rmc: standby listening on tcp ";
     let line = sb.wait_for_stdout(LISTENING, UP);
     let addr = line[LISTENING.len()..]
@@ -321,7 +169,7 @@ fn start_primary_with(
         arbiter,
     ];
     args.extend(HEARTBEAT);
-    let mut p = Rmc::spawn(what, &args);
+    let mut p = spawn_rmc(what, &args);
     const LISTENING: &str = "rmc: counter service listening on udp ";
     let line = p.wait_for_stdout(LISTENING, UP);
     let service: SocketAddr = line[LISTENING.len()..]

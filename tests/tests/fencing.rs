@@ -21,14 +21,13 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rmc_tests::netns::{netns_available, Etcd, Host, Topology, REPL};
-use rmc_tests::{forward_lines, kill_within, kvm_available, rmc_bin};
+use rmc_tests::process::Rmc;
+use rmc_tests::{kvm_available, rmc_bin};
 use rmc_vmm::service::{Checker, Client, ClientError, Reply, SharedChecker};
 
 /// The counter service's UDP port on both hosts.
@@ -37,8 +36,6 @@ const SERVICE_PORT: u16 = 7000;
 const REPL_PORT: u16 = 7070;
 /// Deadline for a starting process's lines (a boot, a full sync): a hang guard.
 const UP: Duration = Duration::from_secs(60);
-/// Deadline for a SIGKILLed process to go away, and for its output to end.
-const EXIT: Duration = Duration::from_secs(30);
 /// A request whose resends got no answer for this long counts as unanswered.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 /// A client resends its request after this long without an answer.
@@ -332,128 +329,31 @@ impl TrialReport {
     }
 }
 
-/// An `rmc` process on one of the hosts, its stdout and stderr read line by line (all kept).
-/// SIGKILLed when dropped.
-struct Rmc {
-    child: Child,
-    what: String,
-    out: Receiver<String>,
-    lines: Vec<String>,
+/// Starts `rmc ARGS` on `host`.
+fn spawn_rmc(topo: &Topology, host: Host, args: &[String]) -> Rmc {
+    let mut cmd = topo.command(host, rmc_bin());
+    cmd.args(args);
+    Rmc::spawn(
+        format!("rmc {} on host {}", args[0], topo.namespace(host)),
+        cmd,
+    )
 }
 
-impl Rmc {
-    fn spawn(topo: &Topology, host: Host, args: &[String]) -> Rmc {
-        let what = format!("rmc {} on host {}", args[0], topo.namespace(host));
-        let mut child = topo
-            .command(host, rmc_bin())
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let (tx, out) = mpsc::channel();
-        forward_lines(child.stdout.take().expect("piped"), tx.clone());
-        forward_lines(child.stderr.take().expect("piped"), tx);
-        Rmc {
-            child,
-            what,
-            out,
-            lines: Vec::new(),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits (at most [`UP`]) for a line starting with `prefix`, keeping every line; panics
-    /// with the lines so far if none comes.
-    fn wait_for(&mut self, prefix: &str) -> String {
-        let until = Instant::now() + UP;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match self.out.recv_timeout(left) {
-                Ok(line) => {
-                    self.lines.push(line.clone());
-                    if line.starts_with(prefix) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!(
-                    "{} printed no line starting {prefix:?} ({}); it printed:\n{}",
-                    self.what,
-                    match e {
-                        RecvTimeoutError::Timeout => format!("within {UP:?}"),
-                        RecvTimeoutError::Disconnected => "and ended its output".to_string(),
-                    },
-                    self.lines.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// `ip netns exec` execs: the child we hold is rmc itself (signals reach it directly).
-    fn check_is_rmc(&self) {
-        let exe = std::fs::read_link(format!("/proc/{}/exe", self.pid())).unwrap_or_default();
-        let rmc = rmc_bin().canonicalize().unwrap_or_else(|_| rmc_bin());
-        assert!(
-            exe.starts_with(&rmc)
-                || exe
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("rmc")),
-            "{}: pid {} runs {} instead of {}",
-            self.what,
-            self.pid(),
-            exe.display(),
-            rmc.display()
-        );
-    }
-
-    /// Ends the process (SIGKILL) and reads the rest of its output. Returns how it had exited
-    /// if it was gone already.
-    fn finish(&mut self) -> Option<String> {
-        let early = match self.child.try_wait() {
-            Ok(Some(status)) => Some(format!("{} had exited by itself: {status}", self.what)),
-            _ => None,
-        };
-        kill_within(&mut self.child, EXIT, &self.what);
-        let until = Instant::now() + EXIT;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match self.out.recv_timeout(left) {
-                Ok(line) => self.lines.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    eprintln!("warning: the output of {} did not end", self.what);
-                    break;
-                }
-            }
-        }
-        early
-    }
-
-    fn find(&self, prefix: &str) -> Option<String> {
-        self.lines.iter().find(|l| l.starts_with(prefix)).cloned()
-    }
-
-    fn tail(&self, n: usize) -> String {
-        let from = self.lines.len().saturating_sub(n);
-        format!(
-            "  --- {} (last {} lines):\n    {}",
-            self.what,
-            self.lines.len() - from,
-            self.lines[from..].join("\n    ")
-        )
-    }
-}
-
-impl Drop for Rmc {
-    fn drop(&mut self) {
-        kill_within(&mut self.child, EXIT, &self.what);
-    }
+/// `ip netns exec` execs: the child we hold is rmc itself (signals reach it directly).
+fn check_is_rmc(p: &Rmc) {
+    let exe = std::fs::read_link(format!("/proc/{}/exe", p.pid())).unwrap_or_default();
+    let rmc = rmc_bin().canonicalize().unwrap_or_else(|_| rmc_bin());
+    assert!(
+        exe.starts_with(&rmc)
+            || exe
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("rmc")),
+        "{}: pid {} runs {} instead of {}",
+        p.what(),
+        p.pid(),
+        exe.display(),
+        rmc.display()
+    );
 }
 
 /// Sets the flag when dropped: stops the clients also when the trial panics (the scope
@@ -600,9 +500,9 @@ fn run_trial(
     args.extend(strings(HEARTBEAT));
     args.extend(arbiter.iter().cloned());
     args.extend(c.standby_extra.iter().cloned());
-    let mut standby = Rmc::spawn(topo, Host::Standby, &args);
-    standby.wait_for("rmc: standby listening on ");
-    standby.check_is_rmc();
+    let mut standby = spawn_rmc(topo, Host::Standby, &args);
+    standby.wait_for("rmc: standby listening on ", UP);
+    check_is_rmc(&standby);
 
     let mut args = strings([
         "primary",
@@ -625,10 +525,10 @@ fn run_trial(
     args.extend(strings(c.fault.primary_options().iter().copied()));
     args.extend(arbiter.iter().cloned());
     args.extend(c.primary_extra.iter().cloned());
-    let mut primary = Rmc::spawn(topo, Host::Primary, &args);
-    primary.wait_for("rmc: counter service listening on udp ");
-    primary.check_is_rmc();
-    primary.wait_for("rmc: first checkpoint acknowledged");
+    let mut primary = spawn_rmc(topo, Host::Primary, &args);
+    primary.wait_for("rmc: counter service listening on udp ", UP);
+    check_is_rmc(&primary);
+    primary.wait_for("rmc: first checkpoint acknowledged", UP);
     c.fault.prepare(topo);
 
     let checker = Checker::shared(false);
