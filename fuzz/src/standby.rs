@@ -252,15 +252,7 @@ impl Session {
                     _ => u.arr32(),
                 };
                 let layout = gen::layout(u);
-                let fence = u.u64_edge();
-                self.feed(
-                    Message::Auth {
-                        proof,
-                        layout,
-                        fence,
-                    },
-                    u,
-                )
+                self.feed_auth(proof, layout, u)
             }
             2 => {
                 let total = self.m.layout.as_ref().map_or(0, |l| l.total_pages());
@@ -376,15 +368,7 @@ impl Session {
                     }
                     _ => {}
                 }
-                let fence = u.u64_edge();
-                self.feed(
-                    Message::Auth {
-                        proof,
-                        layout,
-                        fence,
-                    },
-                    u,
-                )
+                self.feed_auth(proof, layout, u)
             }
             Phase::Idle => match u.u8() % 32 {
                 0 => self.feed(
@@ -433,6 +417,19 @@ impl Session {
                 u,
             ),
         }
+    }
+
+    /// An Auth with this proof and layout and a fencing token from the input.
+    fn feed_auth(&mut self, proof: [u8; 32], layout: Layout, u: &mut Input) -> Flow {
+        let fence = u.u64_edge();
+        self.feed(
+            Message::Auth {
+                proof,
+                layout,
+                fence,
+            },
+            u,
+        )
     }
 
     /// A message as it arrives: through `encode` and the decoder first when the session

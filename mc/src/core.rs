@@ -237,6 +237,11 @@ impl Liveness {
     }
 }
 
+/// A session token (a Hello nonce) as lowercase hex, as the arbiter stores it.
+pub fn session_hex(token: &[u8; NONCE_LEN]) -> String {
+    token.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Where a primary's earlier session with a standby ended: the standby that holds a
 /// checkpoint of that session, at an epoch between `acked` and `sent`, can resume from it.
 /// Every page written after `acked` is still in the guest's dirty log (the dirty sets of

@@ -321,7 +321,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             core.set_fence(f.fence());
         }
         core.set_resume_point(config.lineage.get());
-        let token = core.session().iter().map(|b| format!("{b:02x}")).collect();
+        let token = crate::core::session_hex(&core.session());
         writer.send(&hello)?;
         let limit = config.handshake_timeout;
         let deadline = now + limit;

@@ -131,7 +131,7 @@ pub struct Backup {
 impl Backup {
     /// The checkpoint's session token as lowercase hex (as the arbiter stores it).
     pub fn lineage_hex(&self) -> String {
-        hex(&self.lineage)
+        crate::core::session_hex(&self.lineage)
     }
 
     /// The session tokens under which the arbiter may let this backup take over: its own and,
@@ -139,13 +139,9 @@ impl Backup {
     pub fn takeover_tokens(&self) -> Vec<String> {
         std::iter::once(self.lineage)
             .chain(self.previous_lineage)
-            .map(|t| hex(&t))
+            .map(|t| crate::core::session_hex(&t))
             .collect()
     }
-}
-
-fn hex(t: &[u8; NONCE_LEN]) -> String {
-    t.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Why a connection ended.
@@ -272,13 +268,6 @@ pub struct Session {
     /// The session token (the primary's Hello nonce): the arbiter names the standby whose
     /// backup is current by it.
     pub token: [u8; NONCE_LEN],
-}
-
-impl Session {
-    /// The session token as lowercase hex (as the arbiter stores it).
-    pub fn token_hex(&self) -> String {
-        self.token.iter().map(|b| format!("{b:02x}")).collect()
-    }
 }
 
 impl Session {
