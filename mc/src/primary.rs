@@ -586,7 +586,11 @@ impl<'g, G: Guest> Primary<'g, G> {
     ) -> Result<(), PrimaryError> {
         let guest = self.guest;
         let t0 = Instant::now();
-        guest.pause();
+        if let Err(e) = guest.pause() {
+            // The guest is not paused (a vCPU did not stop in time): nothing was harvested.
+            guest.put_back(pending);
+            return Err(PrimaryError::Guest(e));
+        }
         let t_stopped = Instant::now();
         let mut dirty = match guest.harvest() {
             Ok(d) => d,

@@ -28,8 +28,8 @@ use parking_lot::{Condvar, Mutex};
 use tracing::{debug, info};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-/// Guest page size handled by the staging region.
-pub const PAGE_SIZE: usize = 4096;
+/// Guest page size handled by the staging region (the one definition, from rmc-guest-api).
+pub use rmc_guest_api::PAGE_BYTES;
 const HUGE_PAGE_SIZE: usize = 2 << 20;
 
 /// Sizes of one slot.
@@ -43,7 +43,7 @@ pub struct SlotLayout {
 
 impl SlotLayout {
     fn round(n: usize) -> usize {
-        n.div_ceil(PAGE_SIZE) * PAGE_SIZE
+        n.div_ceil(PAGE_BYTES) * PAGE_BYTES
     }
 
     /// Offset of the page data inside a slot.
@@ -53,7 +53,7 @@ impl SlotLayout {
 
     /// Offset of the state blob inside a slot.
     pub fn state_offset(&self) -> usize {
-        self.data_offset() + self.slot_pages * PAGE_SIZE
+        self.data_offset() + self.slot_pages * PAGE_BYTES
     }
 
     /// Bytes per slot.
@@ -168,7 +168,7 @@ impl StagingRegion {
         let locked = unsafe { libc::mlock(ptr.as_ptr().cast(), len) } == 0;
         if !locked {
             // Pre-fault instead, so no page fault lands inside a checkpoint pause.
-            for off in (0..len).step_by(PAGE_SIZE) {
+            for off in (0..len).step_by(PAGE_BYTES) {
                 // SAFETY: `off < len`, inside the writable mapping.
                 unsafe { ptr.as_ptr().add(off).write_volatile(0) };
             }
@@ -431,7 +431,7 @@ impl Slot {
             let n = first + i;
             self.bytes_mut(n * 8, 8)
                 .copy_from_slice(&addr.0.to_le_bytes());
-            let dst = self.bytes_mut(data_off + n * PAGE_SIZE, PAGE_SIZE);
+            let dst = self.bytes_mut(data_off + n * PAGE_BYTES, PAGE_BYTES);
             mem.read_slice(dst, addr)
                 .map_err(|source| StagingError::GuestRead {
                     addr: addr.0,
@@ -481,10 +481,10 @@ impl Slot {
         self.state_len = state_len;
         let all = self.bytes_mut(0, layout.slot_size());
         let (index, rest) = all.split_at_mut(layout.data_offset());
-        let (data, state) = rest.split_at_mut(layout.slot_pages * PAGE_SIZE);
+        let (data, state) = rest.split_at_mut(layout.slot_pages * PAGE_BYTES);
         Ok(ReceiveAreas {
             index: &mut index[..pages * 8],
-            data: &mut data[..pages * PAGE_SIZE],
+            data: &mut data[..pages * PAGE_BYTES],
             state: &mut state[..state_len],
         })
     }
@@ -503,7 +503,7 @@ impl Slot {
     pub fn data(&self) -> &[u8] {
         self.bytes(
             self.ring.region.layout.data_offset(),
-            self.pages * PAGE_SIZE,
+            self.pages * PAGE_BYTES,
         )
     }
 

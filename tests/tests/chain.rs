@@ -28,10 +28,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rmc::checker::{Checker, SharedChecker};
 use rmc_arbiter::testing::{etcd_available, EtcdServer};
 use rmc_tests::process::Rmc;
 use rmc_tests::{kvm_available, rmc_bin};
-use rmc_vmm::service::{Checker, Client, ClientError, Reply, SharedChecker};
+use rmc_vmm::service::{Client, ClientError, Reply};
 
 /// A line a starting process prints once it is up (a boot, a full sync, a first checkpoint).
 const UP: Duration = Duration::from_secs(60);

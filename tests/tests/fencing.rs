@@ -25,10 +25,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use rmc::checker::{Checker, SharedChecker};
 use rmc_tests::netns::{netns_available, Etcd, Host, Topology, REPL};
 use rmc_tests::process::Rmc;
 use rmc_tests::{kvm_available, rmc_bin};
-use rmc_vmm::service::{Checker, Client, ClientError, Reply, SharedChecker};
+use rmc_vmm::service::{Client, ClientError, Reply};
 
 /// The counter service's UDP port on both hosts.
 const SERVICE_PORT: u16 = 7000;

@@ -1176,7 +1176,7 @@ impl Tx {
         let layout = slot.layout();
         let mut areas = vec![
             (0, slot.pages() * 8),
-            (layout.data_offset(), slot.pages() * rmc_staging::PAGE_SIZE),
+            (layout.data_offset(), slot.pages() * rmc_staging::PAGE_BYTES),
         ];
         if state {
             areas.push((layout.state_offset(), slot.state().len()));

@@ -14,7 +14,7 @@ use kvm_ioctls::VmFd;
 use parking_lot::Mutex;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use rmc_mc::DirtySet;
+use rmc_guest_api::DirtySet;
 
 use crate::GuestMem;
 

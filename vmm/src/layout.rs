@@ -25,7 +25,7 @@
 //! identity-map pages on Intel, the LAPIC).
 
 /// Size of a guest page and of the dirty-tracking granule.
-pub const PAGE_SIZE: u64 = 4096;
+pub use rmc_guest_api::PAGE_SIZE;
 
 /// Global descriptor table.
 pub const GDT_ADDR: u64 = 0x1000;

@@ -1,5 +1,5 @@
 //! rmc-vmm: a minimal KVM virtual machine monitor with rmc's own guest program, checkpointable
-//! vCPU and device state, and dirty page tracking, plus the `rmc` command.
+//! vCPU and device state, and dirty page tracking.
 //!
 //! The pieces, in the order a VM is built:
 //!
@@ -10,14 +10,13 @@
 //! - [`vm`]: the [`Vm`]: create, boot, pause/resume, save/restore, harvest dirty pages;
 //! - [`state`]: the versioned vCPU + device state a checkpoint carries;
 //! - [`dirty`]: KVM dirty log UNION vm-memory's bitmap, with put-back;
-//! - [`service`]: host-side codec and consistency checker for the counter protocol.
+//! - [`service`]: host-side codec and UDP client of the counter protocol.
 //!
-//! The epoch engine (`rmc-mc`) will drive a [`Vm`] through a `Guest` trait; nothing in this
-//! crate knows about checkpoints travelling anywhere.
+//! The epoch engine (`rmc-mc`) drives a [`Vm`] through the narrow traits of `rmc-guest-api`
+//! (`Pausable`, `DirtyLog`, `Snapshottable`, `OutputCommit`, `GuestRam`); nothing in this crate
+//! knows about checkpoints travelling anywhere, and it links no transport.
 
 pub mod arch;
-pub mod bench;
-pub mod demo;
 mod devices;
 pub mod dirty;
 pub mod guest;
@@ -29,7 +28,7 @@ mod vcpu;
 pub mod vm;
 
 pub use dirty::DirtyTracker;
-pub use rmc_mc::DirtySet;
+pub use rmc_guest_api::DirtySet;
 pub use state::VmState;
 pub use vm::{DirtierConfig, GuestStatus, RestoreCheck, Vm, VmConfig, VmError, Workload};
 

@@ -189,58 +189,42 @@ mod tests {
 
 #[cfg(test)]
 mod restore_check_tests {
-    use rmc_mc::standby::RestoreCheck as _;
-    use rmc_transport::wire::Layout;
-
     use super::tests_support::sample;
     use crate::RestoreCheck;
 
-    fn layout(mem: u64, vcpus: u32) -> Layout {
-        Layout {
-            page_size: 4096,
-            regions: crate::layout::ram_regions(mem),
-            vcpus,
-            slot_pages: 16,
-            slot_count: 2,
-            features: 0,
-            state_version: super::VERSION,
-        }
-    }
-
     #[test]
     fn a_standby_acks_only_states_it_can_restore() {
-        let c = RestoreCheck;
         let good = sample();
-        let l = layout(good.mem_size, 1);
-        assert_eq!(c.state_version(), super::VERSION);
-        c.check_layout(&l).unwrap();
-        c.check_state(&good.encode(), &l).unwrap();
+        let regions = crate::layout::ram_regions(good.mem_size);
+        RestoreCheck::check_guest(1, &regions).unwrap();
+        RestoreCheck::check_state(&good.encode(), 1, &regions).unwrap();
         // Garbage with a good checksum, another encoding version, another vCPU count, another
         // memory size, an impossible NIC ring: each is refused with what is wrong.
-        let err = |bytes: &[u8], l: &Layout| c.check_state(bytes, l).unwrap_err();
-        assert!(err(b"definitely not a state", &l).contains("Not an rmc VM state"));
+        let err = |bytes: &[u8], vcpus: u32, regions: &[(u64, u64)]| {
+            RestoreCheck::check_state(bytes, vcpus, regions)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(b"definitely not a state", 1, &regions).contains("Not an rmc VM state"));
         let mut other = good.encode();
         other[4..8].copy_from_slice(&7u32.to_le_bytes());
-        assert!(err(&other, &l).contains("version 7"), "{}", err(&other, &l));
-        assert!(err(&good.encode(), &layout(good.mem_size, 2)).contains("state has 1 vCPUs"));
-        assert!(err(&good.encode(), &layout(512 << 20, 1)).contains("bytes of memory"));
+        assert!(err(&other, 1, &regions).contains("version 7"));
+        assert!(err(&good.encode(), 2, &regions).contains("state has 1 vCPUs"));
+        let small = crate::layout::ram_regions(512 << 20);
+        assert!(err(&good.encode(), 1, &small).contains("bytes of memory"));
         let mut ring = good.clone();
         ring.nic.size = 4096;
-        assert!(err(&ring.encode(), &l).contains("NIC ring of 4096 entries"));
-        // Layouts this VMM does not build.
-        assert!(c
-            .check_layout(&layout(8 << 20, 1))
-            .unwrap_err()
-            .contains("memory must be"));
-        assert!(c
-            .check_layout(&layout(256 << 20, 9))
-            .unwrap_err()
-            .contains("vCPUs"));
-        let mut odd = layout(256 << 20, 1);
-        odd.regions = vec![(0x10_0000, 256 << 20)];
-        assert!(c
-            .check_layout(&odd)
-            .unwrap_err()
-            .contains("not those of a 256 MiB rmc guest"));
+        assert!(err(&ring.encode(), 1, &regions).contains("NIC ring of 4096 entries"));
+        // Guests this VMM does not build.
+        let guest_err = |vcpus: u32, regions: &[(u64, u64)]| {
+            RestoreCheck::check_guest(vcpus, regions)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(guest_err(1, &crate::layout::ram_regions(8 << 20)).contains("memory must be"));
+        assert!(guest_err(9, &crate::layout::ram_regions(256 << 20)).contains("vCPUs"));
+        assert!(
+            guest_err(1, &[(0x10_0000, 256 << 20)]).contains("not those of a 256 MiB rmc guest")
+        );
     }
 }

@@ -22,7 +22,7 @@ use crate::nic::Nic;
 use crate::state::{VcpuState, VmState};
 use crate::vcpu::{install_kick_handler, RunControl, VcpuHandle};
 use crate::GuestMem;
-use rmc_mc::DirtySet;
+use rmc_guest_api::{DirtySet, GuestError};
 
 /// Largest number of vCPUs.
 pub const MAX_VCPUS: usize = 4;
@@ -561,7 +561,7 @@ impl Vm {
     }
 
     /// Turns output commit on: from now on every packet the guest sends is held until
-    /// [`rmc_mc::Guest::release_output`] covers the checkpoint it belongs to. When it is still
+    /// [`rmc_guest_api::OutputCommit::release_output`] covers the checkpoint it belongs to. When it is still
     /// on (a session ended with output kept back), what is held waits for the next session.
     pub fn enable_output_commit(&self, limits: rmc_netbuf::Limits) -> Result<(), VmError> {
         if let Some(held) = self.output.lock().as_ref() {
@@ -693,54 +693,47 @@ impl Drop for Vm {
     }
 }
 
-/// What a standby checks before it acknowledges a checkpoint of an rmc VM: the guest's layout
-/// is one this VMM builds, and each checkpoint's state decodes (this build's encoding) and
-/// fits it, so the acknowledged checkpoint can always become the running VM.
+/// What a standby checks before it acknowledges a checkpoint of an rmc VM: the guest's shape
+/// (vCPUs, RAM regions) is one this VMM builds, and each checkpoint's state decodes (this
+/// build's encoding) and fits it, so the acknowledged checkpoint can always become the running
+/// VM. The wire protocol's side of it lives in the application (`rmc::restore`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RestoreCheck;
 
 impl RestoreCheck {
-    fn config(layout: &rmc_transport::wire::Layout) -> VmConfig {
+    fn config(vcpus: u32, regions: &[(u64, u64)]) -> VmConfig {
         VmConfig {
-            mem_size: layout.total_pages() * u64::from(layout.page_size),
-            workloads: vec![Workload::Idle; layout.vcpus as usize],
+            mem_size: regions.iter().map(|r| r.1).sum(),
+            workloads: vec![Workload::Idle; vcpus as usize],
             nic_addr: None,
         }
     }
-}
 
-impl rmc_mc::standby::RestoreCheck for RestoreCheck {
-    fn state_version(&self) -> u32 {
-        crate::state::VERSION
-    }
-
-    fn check_layout(&self, layout: &rmc_transport::wire::Layout) -> Result<(), String> {
-        let config = Self::config(layout);
-        validate(&config).map_err(|e| e.to_string())?;
-        let regions = layout::ram_regions(config.mem_size);
-        if layout.regions != regions {
-            return Err(format!(
-                "memory regions {:x?} are not those of a {} MiB rmc guest ({regions:x?})",
-                layout.regions,
+    /// Whether this VMM builds a guest of `vcpus` vCPUs with these RAM regions.
+    pub fn check_guest(vcpus: u32, regions: &[(u64, u64)]) -> Result<(), VmError> {
+        let config = Self::config(vcpus, regions);
+        validate(&config)?;
+        let expected = layout::ram_regions(config.mem_size);
+        if regions != expected.as_slice() {
+            return Err(VmError::Config(format!(
+                "memory regions {regions:x?} are not those of a {} MiB rmc guest ({expected:x?})",
                 config.mem_size >> 20
-            ));
+            )));
         }
         Ok(())
     }
 
-    fn check_state(
-        &self,
-        state: &[u8],
-        layout: &rmc_transport::wire::Layout,
-    ) -> Result<(), String> {
-        let state = VmState::decode(state).map_err(|e| e.to_string())?;
-        check_fits(&Self::config(layout), &state).map_err(|e| e.to_string())?;
+    /// Whether `state` decodes and can be restored into a guest of that shape.
+    pub fn check_state(state: &[u8], vcpus: u32, regions: &[(u64, u64)]) -> Result<(), VmError> {
+        let state = VmState::decode(state)?;
+        check_fits(&Self::config(vcpus, regions), &state)?;
         if state.nic.size > crate::nic::MAX_RING_SIZE {
-            return Err(format!(
+            return Err(crate::state::StateError::Mismatch(format!(
                 "NIC ring of {} entries (at most {})",
                 state.nic.size,
                 crate::nic::MAX_RING_SIZE
-            ));
+            ))
+            .into());
         }
         Ok(())
     }
@@ -842,7 +835,7 @@ fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, VmError> {
     Ok(out)
 }
 
-impl rmc_mc::Guest for Vm {
+impl rmc_guest_api::GuestRam for Vm {
     type Memory = GuestMem;
 
     fn memory(&self) -> &GuestMem {
@@ -852,7 +845,29 @@ impl rmc_mc::Guest for Vm {
     fn regions(&self) -> Vec<(u64, u64)> {
         self.regions.clone()
     }
+}
 
+impl rmc_guest_api::Pausable for Vm {
+    fn pause(&self) -> Result<Duration, GuestError> {
+        Ok(Vm::pause(self))
+    }
+
+    fn resume(&self) {
+        Vm::resume(self)
+    }
+}
+
+impl rmc_guest_api::DirtyLog for Vm {
+    fn harvest(&self) -> Result<DirtySet, GuestError> {
+        Ok(self.harvest_dirty()?)
+    }
+
+    fn put_back(&self, set: DirtySet) {
+        self.put_back_dirty(set)
+    }
+}
+
+impl rmc_guest_api::Snapshottable for Vm {
     fn state_version(&self) -> u32 {
         crate::state::VERSION
     }
@@ -861,26 +876,12 @@ impl rmc_mc::Guest for Vm {
         self.vcpus.len() as u32
     }
 
-    fn pause(&self) -> Duration {
-        Vm::pause(self)
-    }
-
-    fn resume(&self) {
-        Vm::resume(self)
-    }
-
-    fn harvest(&self) -> Result<DirtySet, rmc_mc::GuestError> {
-        Ok(self.harvest_dirty()?)
-    }
-
-    fn put_back(&self, set: DirtySet) {
-        self.put_back_dirty(set)
-    }
-
-    fn save_state(&self) -> Result<Vec<u8>, rmc_mc::GuestError> {
+    fn save_state(&self) -> Result<Vec<u8>, GuestError> {
         Ok(Vm::save_state(self)?.encode())
     }
+}
 
+impl rmc_guest_api::OutputCommit for Vm {
     fn close_output_epoch(&self, epoch: u64) {
         if let Some(g) = self.output.lock().as_ref() {
             g.close_epoch(epoch);

@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{init_logs, kvm_available};
+use rmc::restore::VmRestoreCheck;
 use rmc_mc::core::Heartbeat;
 use rmc_mc::primary::{Primary, PrimaryConfig};
 use rmc_mc::standby::{Standby, StandbyConfig};
-use rmc_vmm::{DirtierConfig, RestoreCheck, Vm, VmConfig, Workload};
+use rmc_vmm::{DirtierConfig, Vm, VmConfig, Workload};
 
 const SECRET: &[u8] = b"liveness under load test secret";
 const MEM: u64 = 4 << 30;
@@ -46,7 +47,7 @@ fn a_multi_gib_full_sync_with_every_core_busy_is_no_loss() {
             secret: SECRET.to_vec(),
             memory_bytes: Some(MEM),
             heartbeat: Heartbeat::default(),
-            restore: Some(Arc::new(RestoreCheck)),
+            restore: Some(Arc::new(VmRestoreCheck)),
             ..StandbyConfig::default()
         },
     )

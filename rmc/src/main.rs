@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use rmc::checker::Checker;
+use rmc::fencing;
 use rmc_transport::link::Transport;
-use rmc_vmm::service::{Checker, Client};
+use rmc_vmm::service::Client;
 use rmc_vmm::{DirtierConfig, Vm, VmConfig, Workload};
 use tracing::info;
-
-mod fencing;
 
 /// rmc keeps a KVM virtual machine alive when its host dies, by shipping micro-checkpoints to
 /// a standby many times a second. `primary` runs a protected VM, `standby` receives its
@@ -876,7 +876,7 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
         memory_bytes: a.memory,
         heartbeat: a.heartbeat.get(),
         // Acknowledge only checkpoints this VMM can restore.
-        restore: Some(std::sync::Arc::new(rmc_vmm::RestoreCheck)),
+        restore: Some(std::sync::Arc::new(rmc::restore::VmRestoreCheck)),
         handshake_timeout: Duration::from_secs_f64(a.handshake_timeout.max(0.1)),
         // Only the primary the arbiter names may protect this standby.
         fencing: a.arbiter.arbiter.as_ref().map(|ep| {
@@ -990,7 +990,7 @@ fn devices(a: DevicesArgs) -> Result<ExitCode> {
 }
 
 fn demo(a: DemoArgs) -> Result<ExitCode> {
-    let c = rmc_vmm::demo::DemoConfig {
+    let c = rmc::demo::DemoConfig {
         memory: a.memory,
         after: Duration::from_secs_f64(a.after.max(0.2)),
         transport: a.transport.to_string(),
@@ -1019,7 +1019,7 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     };
     let trials = a.trials.max(1);
     let base = Duration::from_secs_f64(a.kill_after.max(0.1));
-    let exe = rmc_vmm::demo::current_exe()?;
+    let exe = rmc::demo::current_exe()?;
     println!("rmc demo: {trials} trial(s)");
     let mut times = Vec::new();
     let start = Instant::now();
@@ -1035,8 +1035,7 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
         } else {
             base.mul_f64(0.5 + (seed + f64::from(i) * 0.618_034).fract())
         };
-        let t = match rmc_vmm::demo::run_trial(&exe, &c, kill_after, i, &mut |m| println!("  {m}"))
-        {
+        let t = match rmc::demo::run_trial(&exe, &c, kill_after, i, &mut |m| println!("  {m}")) {
             Ok(t) => t,
             Err(e) => {
                 println!("rmc demo: trial {} FAILED: {e:#}", i + 1);
@@ -1078,7 +1077,7 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
 }
 
 fn bench(a: BenchArgs) -> Result<ExitCode> {
-    use rmc_vmm::bench::{self, DirtySource, Transport};
+    use rmc::bench::{self, DirtySource, Transport};
     let c = bench::BenchConfig {
         source: match a.dirty_source {
             DirtySourceArg::Guest => DirtySource::Guest,

@@ -24,7 +24,7 @@ use rmc_mc::standby::{Standby, StandbyConfig};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::{DirtierConfig, Vm, VmConfig, Workload};
+use rmc_vmm::{DirtierConfig, Vm, VmConfig, Workload};
 
 /// Version of the JSON document; bumped on any incompatible change.
 pub const SCHEMA: u32 = 2;
@@ -219,7 +219,7 @@ pub fn run(c: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> 
 }
 
 fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64) -> Result<Row> {
-    let vcpus = vcpus.clamp(1, crate::vm::MAX_VCPUS as u32);
+    let vcpus = vcpus.clamp(1, rmc_vmm::vm::MAX_VCPUS as u32);
     let per_vcpu = n.div_ceil(u64::from(vcpus)).max(1);
     // Rate: as fast as possible when epochs end on the count; N pages per epoch otherwise.
     let rate = match (c.source, epoch_ms > 0.0) {
@@ -261,7 +261,7 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
                     secret: SECRET.to_vec(),
                     memory_bytes: Some(c.mem_size),
                     heartbeat: c.heartbeat,
-                    restore: Some(std::sync::Arc::new(crate::RestoreCheck)),
+                    restore: Some(std::sync::Arc::new(crate::restore::VmRestoreCheck)),
                     ..Default::default()
                 },
             )

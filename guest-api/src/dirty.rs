@@ -1,12 +1,11 @@
 //! Dirty page sets: which guest pages an epoch changed, one bit per page per RAM region.
 //!
-//! A [`crate::Guest`] harvests one per epoch (for a KVM guest: the dirty log UNION the pages
+//! A [`crate::DirtyLog`] harvests one per epoch (for a KVM guest: the dirty log UNION the pages
 //! the VMM wrote) and takes it back if the epoch could not be sent.
 
 use vm_memory::GuestAddress;
 
-/// Page size of the bitmaps.
-pub const PAGE_SIZE: u64 = 4096;
+use crate::PAGE_SIZE;
 
 /// The dirty pages of one RAM region, one bit per page (bit `i` of word `w` is page `64w + i`).
 #[derive(Clone, Debug, PartialEq, Eq)]

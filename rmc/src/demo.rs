@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::service::{CheckSummary, Checker, Client, Reply, SharedChecker};
+use crate::checker::{CheckSummary, Checker, SharedChecker};
+use rmc_vmm::service::{Client, Reply};
 
 /// Demo settings.
 #[derive(Debug, Clone)]
