@@ -4,7 +4,7 @@
 //! rmc breaks a promise (a panic of rmc's own is one too):
 //!
 //! - [`wire_frames`]: frame headers, control messages and the TCP frame reader
-//!   (`rmc_transport::wire`, `rmc_transport::tcp::FrameReader`), layouts, body lengths, page
+//!   (`rmc_transport::wire`, `rmc_transport::framing::FrameReader`), layouts, body lengths, page
 //!   indexes, against rules restated from their documentation;
 //! - [`standby_core`]: the standby's protocol core (`rmc_mc::core::StandbyCore`) over whole
 //!   connections, against a model of the protocol;

@@ -1,7 +1,7 @@
 //! Target `wire_frames`: `rmc_transport::wire` and the TCP frame reader on hostile bytes.
 
 use rmc_mc::core::msg_type;
-use rmc_transport::tcp::{FrameReader, LinkError};
+use rmc_transport::framing::{FrameReader, LinkError};
 use rmc_transport::wire::{
     self, auth, decode_frame_header, EpochHeader, EpochKind, FrameHeader, Message, MsgType,
     RegionKey, WireError, FRAME_HEADER_LEN, MAX_CONTROL_LEN, MAX_REASON_LEN, MAX_STATE_LEN,

@@ -21,7 +21,7 @@ pub use rmc_guest_api::{
 /// (best effort: it may be gone), so both logs name the problem.
 pub(crate) fn refuse_on_error<T, W: std::io::Write>(
     r: Result<T, core::ProtocolError>,
-    writer: &mut rmc_transport::tcp::FrameWriter<W>,
+    writer: &mut rmc_transport::framing::FrameWriter<W>,
 ) -> Result<T, core::ProtocolError> {
     if let Err(e) = &r {
         if let Some(refuse) = core::refusal(e) {
@@ -34,10 +34,10 @@ pub(crate) fn refuse_on_error<T, W: std::io::Write>(
 /// Passes a read through; on a malformed frame, first tells the peer what was wrong with a
 /// `Refuse` (best effort), so both logs name the problem.
 pub(crate) fn refuse_on_wire_error<T, W: std::io::Write>(
-    r: Result<T, rmc_transport::tcp::LinkError>,
-    writer: &mut rmc_transport::tcp::FrameWriter<W>,
-) -> Result<T, rmc_transport::tcp::LinkError> {
-    if let Err(rmc_transport::tcp::LinkError::Wire(e)) = &r {
+    r: Result<T, rmc_transport::framing::LinkError>,
+    writer: &mut rmc_transport::framing::FrameWriter<W>,
+) -> Result<T, rmc_transport::framing::LinkError> {
+    if let Err(rmc_transport::framing::LinkError::Wire(e)) = &r {
         let _ = writer.send(&rmc_transport::wire::Message::Refuse {
             reason: e.to_string(),
         });

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rmc_staging::{SlotLayout, SlotRing, StagingError};
+use rmc_transport::framing::{FrameReader, FrameWriter, LinkError};
 use rmc_transport::link::{Closer, Conn, Listener, Rx, Transport, Tx};
-use rmc_transport::tcp::{FrameReader, FrameWriter, LinkError};
 use rmc_transport::wire::{
     self, auth, EpochHeader, EpochKind, Layout, Message, MsgType, WireError, MAX_STATE_LEN,
     NONCE_LEN,

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use rmc_mc::core::{Heartbeat, ProtocolError};
 use rmc_mc::standby::{error_chain, RestoreCheck, Session, Standby, StandbyConfig, StandbyError};
 use rmc_staging::{SlotLayout, SlotRing};
+use rmc_transport::framing::{FrameReader, FrameWriter, LinkError};
 use rmc_transport::link::{first_rdma_ip, Closer, Conn, Rx, Transport, Tx};
-use rmc_transport::tcp::{FrameReader, FrameWriter, LinkError};
 use rmc_transport::wire::{
     self, auth, EpochHeader, EpochKind, Layout, Message, MsgType, WireError, MAX_CONTROL_LEN,
     MAX_STATE_LEN, PROTOCOL_VERSION,

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use rmc_mc::core::Heartbeat;
 use rmc_mc::standby::{error_chain, FenceCheck, Session, Standby, StandbyConfig, StandbyError};
+use rmc_transport::framing::{FrameReader, FrameWriter, LinkError};
 use rmc_transport::link::{Closer, Conn, Rx, Transport, Tx};
-use rmc_transport::tcp::{FrameReader, FrameWriter, LinkError};
 use rmc_transport::wire::{
     self, auth, EpochHeader, EpochKind, Layout, Message, NONCE_LEN, PROTOCOL_VERSION,
 };

@@ -23,7 +23,7 @@ use rmc_mc::core::{
 };
 use rmc_mc::primary::{Primary, PrimaryConfig, PrimaryError, PrimaryStats};
 use rmc_mc::standby::{error_chain, Standby, StandbyConfig};
-use rmc_transport::tcp::{FrameReader, FrameWriter, LinkError};
+use rmc_transport::framing::{FrameReader, FrameWriter, LinkError};
 use rmc_transport::wire::{self, auth, EpochKind, Layout, Message, MsgType, MAX_STATE_LEN};
 use rmc_vmm::guest::STATUS_OK;
 use rmc_vmm::service::{Reply, Request};

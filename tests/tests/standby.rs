@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rmc_tests::{line_channel, next_line_within, rmc_bin, wait_for_line, wait_within};
-use rmc_transport::tcp::{FrameReader, FrameWriter, LinkError};
+use rmc_transport::framing::{FrameReader, FrameWriter, LinkError};
 use rmc_transport::wire::{self, auth, EpochHeader, EpochKind, Layout, Message, PROTOCOL_VERSION};
 
 const SECRET: &str = "the secret of the scripted-primary test";

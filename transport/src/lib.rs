@@ -1,6 +1,7 @@
 //! rmc-transport: the replication wire protocol ([`wire`]) and the transports that carry it
-//! (TCP now; RDMA in a later issue, behind the same framing).
+//! (TCP and RDMA, behind the same [`framing`]).
 
+pub mod framing;
 pub mod link;
 pub mod rdma;
 pub mod rdma_devices;

@@ -1,6 +1,6 @@
 //! One connection between a primary and its standby, over TCP or RDMA, behind the same
-//! byte-stream halves ([`Rx`]: `Read`, [`Tx`]: `Write`) that [`crate::tcp::FrameReader`] and
-//! [`crate::tcp::FrameWriter`] frame. The one difference the protocol code sees is
+//! byte-stream halves ([`Rx`]: `Read`, [`Tx`]: `Write`) that [`crate::framing::FrameReader`] and
+//! [`crate::framing::FrameWriter`] frame. The one difference the protocol code sees is
 //! [`Tx::rdma`]: on RDMA, epoch bodies are placed by RDMA WRITE instead of streamed.
 
 use std::io::{self, Read, Write};
@@ -8,9 +8,10 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
+use crate::framing::LinkError;
 use crate::rdma;
 use crate::rdma_devices;
-use crate::tcp::{self, LinkError};
+use crate::tcp;
 
 /// Which transport to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
