@@ -4,7 +4,8 @@
 //! wire_frames: streams of every message's frame and each payload alone; the protocol
 //! targets: inputs whose every byte is below 144, which the targets read as "the next
 //! well-behaved step" wherever an event is chosen (so they go deep: handshake, epochs,
-//! commits), and plain random bytes; vm_state: random bytes per mode.
+//! commits), and plain random bytes; vm_state: encodings of realistic states (whole, and
+//! the body alone) and random bytes per mode.
 
 use std::path::Path;
 
@@ -12,6 +13,8 @@ use rmc_fuzz::input::Rng;
 use rmc_transport::wire::{
     self, EpochHeader, EpochKind, Layout, Message, RegionKey, PROTOCOL_VERSION,
 };
+use rmc_vmm::nic::{NicState, NicStats};
+use rmc_vmm::state::{ConsoleState, DeviceStates, VcpuState, VmState, XSAVE_WORDS};
 
 fn messages() -> Vec<Message> {
     let layout = Layout {
@@ -113,7 +116,18 @@ fn main() {
     }
 
     let dir = out.join("vm_state");
-    for mode in 0..3u8 {
+    // Modes 0 and 1: whole encodings of realistic states (with and without their header), so
+    // the fuzzer starts from blobs that decode; modes 2 and 3 build states from the bytes.
+    for (i, state) in vm_states().iter().enumerate() {
+        let enc = state.encode();
+        write(&dir, &format!("state-{i}"), &[&[0u8][..], &enc].concat());
+        write(
+            &dir,
+            &format!("body-{i}"),
+            &[&[1u8][..], &enc[8..]].concat(),
+        );
+    }
+    for mode in 0..4u8 {
         for i in 0..6 {
             let mut v = vec![mode];
             let n = 100 + rng.below(3000) as usize;
@@ -121,4 +135,69 @@ fn main() {
             write(&dir, &format!("mode{mode}-{i}"), &v);
         }
     }
+}
+
+/// States like the VMM saves: 1 and 2 vCPUs, a NIC in use or not, console lines in progress.
+fn vm_states() -> Vec<VmState> {
+    let vcpu = |rip: u64| VcpuState {
+        cpuid: vec![kvm_bindings::kvm_cpuid_entry2 {
+            function: 1,
+            eax: 0x806f8,
+            ..Default::default()
+        }],
+        regs: kvm_bindings::kvm_regs {
+            rip,
+            rsp: 0x4_4000,
+            rflags: 2,
+            ..Default::default()
+        },
+        sregs: kvm_bindings::kvm_sregs {
+            cr0: 0x8001_0033,
+            cr3: 0x2000,
+            cr4: 0x4_0620,
+            efer: 0x500,
+            ..Default::default()
+        },
+        xsave: (0..XSAVE_WORDS as u32).map(|w| w % 7).collect(),
+        xcrs: kvm_bindings::kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        },
+        debugregs: Default::default(),
+        msrs: vec![(0x10, 123_456), (0xc000_0080, 0x500), (0x1b, 0xfee0_0900)],
+        events: Default::default(),
+        mp_state: Default::default(),
+    };
+    vec![
+        VmState {
+            mem_size: 64 << 20,
+            vcpus: vec![vcpu(0x2_0000)],
+            devices: DeviceStates::default(),
+        },
+        VmState {
+            mem_size: 4 << 30,
+            vcpus: vec![vcpu(0x2_0100), vcpu(0x2_0200)],
+            devices: DeviceStates {
+                nic: NicState {
+                    tx_ring: 0x10_0000,
+                    rx_ring: 0x10_1000,
+                    size: 64,
+                    tx_prod: 70,
+                    tx_used: 70,
+                    rx_prod: 130,
+                    rx_used: 66,
+                    stats: NicStats {
+                        tx_frames: 70,
+                        tx_refused: 1,
+                        rx_frames: 66,
+                        rx_dropped: 0,
+                    },
+                    host_addr: Some("127.0.0.1:4000".parse().expect("an address")),
+                },
+                console: ConsoleState {
+                    partial: vec![b"count".to_vec(), Vec::new()],
+                },
+            },
+        },
+    ]
 }

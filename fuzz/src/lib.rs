@@ -6,9 +6,9 @@
 //! - [`wire_frames`]: frame headers, control messages and the TCP frame reader
 //!   (`rmc_transport::wire`, `rmc_transport::framing::FrameReader`), layouts, body lengths, page
 //!   indexes, against rules restated from their documentation;
-//! - [`standby_core`]: the standby's protocol core (`rmc_mc::core::StandbyCore`) over whole
+//! - [`standby_core`]: the standby's protocol core (`rmc_mc::protocol::StandbyCore`) over whole
 //!   connections, against a model of the protocol;
-//! - [`primary_core`]: the primary's protocol core (`rmc_mc::core::PrimaryCore`) fed by a
+//! - [`primary_core`]: the primary's protocol core (`rmc_mc::protocol::PrimaryCore`) fed by a
 //!   standby, against a model;
 //! - [`vm_state`]: the VM state decoder (`rmc_vmm::VmState::decode`).
 //!

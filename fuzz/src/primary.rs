@@ -1,4 +1,4 @@
-//! Target `primary_core`: `rmc_mc::core::PrimaryCore`, the other side a peer controls (the
+//! Target `primary_core`: `rmc_mc::protocol::PrimaryCore`, the other side a peer controls (the
 //! standby's challenge, accept, acks, heartbeats and refusals), driven as `rmc_mc::primary`
 //! drives it, with a model predicting every answer: the standby must prove the secret before
 //! the primary reveals its proof and layout; epochs are numbered from the standby's last
@@ -10,8 +10,10 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rmc_mc::core::{msg_type, Heartbeat, PrimaryAction, PrimaryCore, ProtocolError};
-use rmc_transport::wire::{self, auth, EpochHeader, EpochKind, Layout, Message, PROTOCOL_VERSION};
+use rmc_mc::protocol::{msg_type, Heartbeat, PrimaryAction, PrimaryCore, ProtocolError};
+use rmc_transport::wire::{
+    self, auth, EpochHeader, EpochKind, Layout, Message, RegionKey, PROTOCOL_VERSION,
+};
 
 use crate::gen;
 use crate::input::Input;
@@ -52,9 +54,14 @@ fn run(data: &[u8]) {
         }
     };
     let hello_nonce = u.arr32();
-    let via_wire = u.bool();
+    // One byte: bit 0, messages go through the wire encoding; bit 1, the connection is RDMA
+    // (the standby's RegionKey must follow its Accept).
+    let mode = u.u8();
+    let via_wire = mode & 1 == 1;
+    let rdma = mode & 2 == 2;
     let t0 = Instant::now();
-    let (core, hello) = PrimaryCore::new(SECRET, layout.clone(), hello_nonce, hb, t0);
+    let (mut core, hello) = PrimaryCore::new(SECRET, layout.clone(), hello_nonce, hb, t0);
+    core.set_placement(rdma);
     assert_eq!(
         hello,
         Message::Hello {
@@ -67,6 +74,7 @@ fn run(data: &[u8]) {
         layout,
         hello_nonce,
         via_wire,
+        rdma,
         t0,
         hb,
         phase: Phase::AwaitChallenge,
@@ -98,6 +106,7 @@ enum Flow {
 enum Phase {
     AwaitChallenge,
     AwaitAccept,
+    AwaitRegionKey,
     Established,
 }
 
@@ -106,6 +115,7 @@ struct Session {
     layout: Layout,
     hello_nonce: [u8; 32],
     via_wire: bool,
+    rdma: bool,
     t0: Instant,
     hb: Heartbeat,
     phase: Phase,
@@ -246,6 +256,15 @@ impl Session {
                     u,
                 )
             }
+            Phase::AwaitRegionKey => {
+                let key = RegionKey {
+                    addr: u.u64(),
+                    len: u.u64(),
+                    slot_stride: u.u64(),
+                    rkey: u.u32(),
+                };
+                self.feed(Message::RegionKey(key), u)
+            }
             Phase::Established => match u.u8() % 8 {
                 0..=3 => {
                     let kind = if u.bool() {
@@ -346,7 +365,7 @@ impl Session {
                 Flow::Continue
             }
             (Phase::AwaitAccept, Message::Accept { last_applied, .. })
-                if *last_applied >= rmc_mc::core::MAX_EPOCH =>
+                if *last_applied >= rmc_mc::protocol::MAX_EPOCH =>
             {
                 // Epoch numbers that would overflow: refused, not trusted.
                 assert!(
@@ -361,11 +380,20 @@ impl Session {
                 );
                 Flow::End
             }
+            (Phase::AwaitAccept, Message::Accept { last_applied, .. }) if self.rdma => {
+                // Accepted, but no epoch before the standby said where bodies go.
+                assert!(matches!(got, Ok(PrimaryAction::None)), "{got:?}");
+                self.phase = Phase::AwaitRegionKey;
+                self.next_epoch = last_applied + 1;
+                self.last_acked = *last_applied;
+                Flow::Continue
+            }
             (Phase::AwaitAccept, Message::Accept { last_applied, .. }) => {
                 match got {
                     Ok(PrimaryAction::Established {
                         last_applied: l,
                         resume,
+                        region_key: None,
                     }) => {
                         assert_eq!(l, *last_applied);
                         // This core has no earlier session: never a resume, whatever the
@@ -377,6 +405,22 @@ impl Session {
                 self.phase = Phase::Established;
                 self.next_epoch = last_applied + 1;
                 self.last_acked = *last_applied;
+                Flow::Continue
+            }
+            (Phase::AwaitRegionKey, Message::RegionKey(key)) => {
+                match got {
+                    Ok(PrimaryAction::Established {
+                        last_applied,
+                        resume,
+                        region_key: Some(k),
+                    }) => {
+                        assert_eq!(last_applied, self.next_epoch - 1);
+                        assert!(!resume);
+                        assert_eq!(k, *key);
+                    }
+                    other => panic!("region key answered with {other:?}"),
+                }
+                self.phase = Phase::Established;
                 Flow::Continue
             }
             (Phase::Established, Message::Ack { epoch }) => {

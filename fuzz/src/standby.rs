@@ -1,11 +1,11 @@
-//! Target `standby_core`: `rmc_mc::core::StandbyCore` driven as `rmc_mc::standby` drives it
+//! Target `standby_core`: `rmc_mc::protocol::StandbyCore` driven as `rmc_mc::standby` drives it
 //! (one core per connection, `on_body_frame` before a body, `applied` right after `Apply`,
 //! a new connection after an error or a goodbye, the backup's layout and last epoch carried
 //! over), by events the input chooses: well-behaved protocol steps, mangled ones, raw
 //! frames, ticks with arbitrary time steps.
 //!
 //! Beside "never panics", a model of the protocol (its rules restated from the docs of
-//! `rmc_transport::wire` and `rmc_mc::core`) predicts every answer, and the core must give
+//! `rmc_transport::wire` and `rmc_mc::protocol`) predicts every answer, and the core must give
 //! exactly that answer (the error variant, for refusals). The model encodes the invariants:
 //! nothing is accepted before the primary proved the secret; epochs only in order; a body
 //! only right after its header and of exactly its length; `Apply` only after the body
@@ -15,9 +15,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rmc_mc::core::{refusal, Heartbeat, LayoutRule, ProtocolError, StandbyAction, StandbyCore};
+use rmc_mc::protocol::{refusal, Heartbeat, LayoutRule, ProtocolError, StandbyAction, StandbyCore};
 use rmc_transport::wire::{
-    self, auth, EpochHeader, EpochKind, Layout, Message, MsgType, MAX_STATE_LEN, PROTOCOL_VERSION,
+    self, auth, EpochHeader, EpochKind, Layout, Message, MsgType, RegionKey, MAX_STATE_LEN,
+    PROTOCOL_VERSION,
 };
 
 use crate::gen;
@@ -72,7 +73,11 @@ pub fn standby_core(data: &[u8]) {
         1 => Some(u.u64_edge()),
         _ => Some(24 << 30),
     };
-    let via_wire = u.bool();
+    // One byte: bit 0, messages go through the wire encoding; bit 1, the connections are
+    // RDMA (a RegionKey follows the Accept, bodies may be placed).
+    let mode = u.u8();
+    let via_wire = mode & 1 == 1;
+    let rdma = mode & 2 == 2;
     // `rmc_mc::standby` creates the core with last epoch 0 and sets the backup's when the
     // session starts (`accept_from`); a core can also be created with it.
     let from_start = u.bool();
@@ -93,6 +98,7 @@ pub fn standby_core(data: &[u8]) {
             break;
         }
         let mut s = Session::new(&backup, hb, t0, at, via_wire, intended.clone());
+        s.rdma = rdma;
         s.backup_last = backup.last_applied;
         for _ in 0..MAX_EVENTS {
             if u.is_empty() || s.step(&mut u) == Flow::End {
@@ -168,6 +174,8 @@ struct Model {
     rule: LayoutRule,
     layout: Option<Layout>,
     last_applied: u64,
+    /// The RegionKey went out: bodies may be placed by RDMA.
+    placement: bool,
     hb: Heartbeat,
     now: Duration,
     last_heard: Duration,
@@ -182,6 +190,8 @@ struct Session {
     backup_last: u64,
     t0: Instant,
     via_wire: bool,
+    /// An RDMA connection: `region_key` right after `accept_from`, as `rmc_mc::standby` does.
+    rdma: bool,
     intended: Layout,
 }
 
@@ -203,6 +213,7 @@ impl Session {
                 rule: b.rule.clone(),
                 layout: None,
                 last_applied: first,
+                placement: false,
                 hb,
                 now: at,
                 last_heard: at,
@@ -211,6 +222,7 @@ impl Session {
             },
             t0,
             via_wire,
+            rdma: false,
             intended,
         }
     }
@@ -408,6 +420,11 @@ impl Session {
                     self.feed(Message::EpochHeader(h), u)
                 }
             },
+            Phase::Receiving { len, .. } if self.m.placement && u.bool() => {
+                let count = self.m.layout.as_ref().map_or(0, |l| l.slot_count);
+                let slot = u.below(u64::from(count)) as u32;
+                self.feed(Message::BodyPlaced { slot, len }, u)
+            }
             Phase::Receiving { len, .. } => self.body(len, u),
             Phase::Received { header, checksum } => self.feed(
                 Message::Commit {
@@ -470,6 +487,14 @@ impl Session {
             StandbyAction::None | StandbyAction::Send(_) | StandbyAction::ExpectBody { .. } => {
                 Flow::Continue
             }
+            StandbyAction::BodyPlaced { header, .. } => {
+                // As `rmc_mc::standby` does: the body is taken from the slot, then checked
+                // like a streamed one.
+                let Message::BodyPlaced { len, .. } = m else {
+                    unreachable!("placed by a BodyPlaced")
+                };
+                self.body_content(header, len, u)
+            }
             StandbyAction::Established { layout, .. } => {
                 self.m.layout = Some(layout);
                 // As `rmc_mc::standby` does: epochs continue from the backup's last one.
@@ -482,6 +507,16 @@ impl Session {
                     }
                 );
                 self.m.last_applied = self.backup_last;
+                if self.rdma {
+                    let key = RegionKey {
+                        addr: 0x7f00_0000_0000,
+                        len: 1 << 30,
+                        slot_stride: 1 << 20,
+                        rkey: 7,
+                    };
+                    assert_eq!(self.core.region_key(key), Message::RegionKey(key));
+                    self.m.placement = true;
+                }
                 Flow::Continue
             }
             StandbyAction::Apply(header) => {
@@ -533,7 +568,7 @@ impl Session {
         challenge: &[u8; 32],
     ) -> (Result<StandbyAction, ProtocolError>, Option<Phase>) {
         let unexpected = Err(ProtocolError::Unexpected {
-            got: rmc_mc::core::msg_type(m),
+            got: rmc_mc::protocol::msg_type(m),
             state: "",
         });
         match (&self.m.phase, m) {
@@ -631,6 +666,44 @@ impl Session {
                     Some(Phase::Idle),
                 )
             }
+            // A placement notice, once authenticated: only on RDMA, only for the epoch whose
+            // body is awaited, of its length, in one of the standby's slots.
+            (_, Message::BodyPlaced { .. }) if self.m.layout.is_some() && !self.m.placement => {
+                (Err(ProtocolError::PlacedOverTcp), None)
+            }
+            (Phase::Receiving { header, len }, Message::BodyPlaced { slot, len: got }) => {
+                if got != len {
+                    return (
+                        Err(ProtocolError::BodyLength {
+                            epoch: header.epoch,
+                            got: *got,
+                            expected: *len,
+                        }),
+                        None,
+                    );
+                }
+                let count = self.m.layout.as_ref().map_or(0, |l| l.slot_count);
+                if *slot >= count {
+                    return (
+                        Err(ProtocolError::PlacedOutside {
+                            epoch: header.epoch,
+                            slot: *slot,
+                            count,
+                        }),
+                        None,
+                    );
+                }
+                (
+                    Ok(StandbyAction::BodyPlaced {
+                        header: *header,
+                        slot: *slot,
+                    }),
+                    None,
+                )
+            }
+            (Phase::Idle | Phase::Received { .. }, Message::BodyPlaced { .. }) => {
+                (Err(ProtocolError::BodyWithoutHeader), None)
+            }
             (Phase::Idle, Message::Goodbye { .. }) => (Ok(StandbyAction::Goodbye), None),
             (Phase::Idle, Message::EpochHeader(h)) => {
                 let expected = self.m.last_applied + 1;
@@ -713,6 +786,13 @@ impl Session {
                 return self.refused(&got.expect_err("checked"));
             }
         };
+        self.body_content(header, len, u)
+    }
+
+    /// The body of `header`, `len` bytes, checked by the core: built from the input, its
+    /// index validated, hashed and reported, as `rmc_mc::standby` does with a streamed or a
+    /// placed body.
+    fn body_content(&mut self, header: EpochHeader, len: u64, u: &mut Input) -> Flow {
         let checksum = if len <= BODY_BYTES {
             let layout = self
                 .m

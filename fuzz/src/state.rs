@@ -4,22 +4,27 @@
 //! Any bytes: decoding never panics, and whatever decodes encodes to a blob that decodes to
 //! the same state again (encode . decode is a fixed point). A state built from the input:
 //! its encoding decodes, to an equal state, every proper prefix of it is refused, and so is
-//! one more byte.
+//! one more byte. A state built from the input and framed by hand, section by section (the
+//! encoding of `rmc_vmm::state`), with one edit: the devices in either order decode to the
+//! same state; another version of a part, a renamed, missing, repeated, cut or lengthened
+//! section is refused with the error that names it.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use rmc_vmm::nic::{NicState, NicStats};
-use rmc_vmm::state::{ConsoleState, StateError, VcpuState, MAGIC, VERSION};
+use rmc_vmm::persist::Versioned;
+use rmc_vmm::state::{ConsoleState, DeviceStates, StateError, VcpuState, MAGIC, VERSION};
 use rmc_vmm::VmState;
 use serde::de::DeserializeOwned;
 
 use crate::input::Input;
 
 /// Runs one input; panics on a broken promise. The first byte picks: the rest as a blob,
-/// the rest behind a valid header (so mutations reach the body), or a state built from it.
+/// the rest behind a valid header (so mutations reach the body), a state built from it, or
+/// such a state framed by hand with one edit of its sections.
 pub fn vm_state(data: &[u8]) {
     let mut u = Input::new(data);
-    match u.u8() % 3 {
+    match u.u8() % 4 {
         0 => decodes_consistently(u.rest()),
         1 => {
             let mut blob = MAGIC.to_vec();
@@ -27,7 +32,8 @@ pub fn vm_state(data: &[u8]) {
             blob.extend_from_slice(u.rest());
             decodes_consistently(&blob);
         }
-        _ => round_trip(&mut u),
+        2 => round_trip(&mut u),
+        _ => sections(&mut u),
     }
 }
 
@@ -87,42 +93,48 @@ fn host_addr(u: &mut Input) -> Option<SocketAddr> {
     }
 }
 
+/// A state from the input.
 fn build(u: &mut Input) -> VmState {
     VmState {
         mem_size: u.u64_edge(),
         vcpus: (0..u.u8() % 5).map(|_| vcpu(u)).collect(),
-        nic: NicState {
-            tx_ring: u.u64_edge(),
-            rx_ring: u.u64_edge(),
-            size: u.u32(),
-            tx_prod: u.u32(),
-            tx_used: u.u32(),
-            rx_prod: u.u32(),
-            rx_used: u.u32(),
-            stats: NicStats {
-                tx_frames: u.u64(),
-                tx_refused: u.u64(),
-                rx_frames: u.u64(),
-                rx_dropped: u.u64(),
+        devices: DeviceStates {
+            nic: nic(u),
+            console: ConsoleState {
+                partial: (0..u.u8() % 5)
+                    .map(|_| {
+                        let n = usize::from(u.u8());
+                        u.bytes(n).to_vec()
+                    })
+                    .collect(),
             },
-            host_addr: host_addr(u),
         },
-        console: ConsoleState {
-            partial: (0..u.u8() % 5)
-                .map(|_| {
-                    let n = usize::from(u.u8());
-                    u.bytes(n).to_vec()
-                })
-                .collect(),
+    }
+}
+
+fn nic(u: &mut Input) -> NicState {
+    NicState {
+        tx_ring: u.u64_edge(),
+        rx_ring: u.u64_edge(),
+        size: u.u32(),
+        tx_prod: u.u32(),
+        tx_used: u.u32(),
+        rx_prod: u.u32(),
+        rx_used: u.u32(),
+        stats: NicStats {
+            tx_frames: u.u64(),
+            tx_refused: u.u64(),
+            rx_frames: u.u64(),
+            rx_dropped: u.u64(),
         },
+        host_addr: host_addr(u),
     }
 }
 
 /// Two states are the same, field by field (kvm structs by their bytes, as encoded).
 fn same(a: &VmState, b: &VmState) {
     assert_eq!(a.mem_size, b.mem_size);
-    assert_eq!(a.nic, b.nic);
-    assert_eq!(a.console, b.console);
+    assert_eq!(a.devices, b.devices);
     assert_eq!(a.vcpus.len(), b.vcpus.len());
     for (x, y) in a.vcpus.iter().zip(&b.vcpus) {
         assert_eq!(x.xsave, y.xsave);
@@ -160,4 +172,106 @@ fn round_trip(u: &mut Input) {
         m[at] = u.u8();
     }
     decodes_consistently(&m);
+}
+
+/// One section of the encoding, as `rmc_vmm::state` documents it: name, version, bytes.
+type Section = (String, u32, Vec<u8>);
+
+fn section<S: Versioned>(s: &S) -> Section {
+    let data = postcard::to_allocvec(s).expect("serializable");
+    (S::NAME.to_string(), S::VERSION, data)
+}
+
+/// Frames a body by hand: `MAGIC | VERSION | postcard(mem_size, vcpus, devices)`.
+fn frame(mem_size: u64, vcpus: &[Section], devices: &[Section]) -> Vec<u8> {
+    let mut blob = MAGIC.to_vec();
+    blob.extend_from_slice(&VERSION.to_le_bytes());
+    blob.extend(postcard::to_allocvec(&(mem_size, vcpus, devices)).expect("serializable"));
+    blob
+}
+
+/// Names a renamed section may get.
+const NAMES: [&str; 5] = ["vcpu", "nic", "console", "serial", ""];
+
+fn sections(u: &mut Input) {
+    let s = build(u);
+    let mut vcpus: Vec<Section> = s.vcpus.iter().map(section).collect();
+    let mut devices = vec![section(&s.devices.nic), section(&s.devices.console)];
+    // The hand framing is the encoder's.
+    assert_eq!(frame(s.mem_size, &vcpus, &devices), s.encode());
+    if u.u8() & 1 == 1 {
+        devices.swap(0, 1);
+    }
+    let n = vcpus.len() + devices.len();
+    let pick = u.below(n as u64) as usize;
+    let (list, i) = if pick < vcpus.len() {
+        (&mut vcpus, pick)
+    } else {
+        (&mut devices, pick - vcpus.len())
+    };
+    let is_device = pick >= s.vcpus.len();
+    // The edit, and what it must make of the decode: None = the state itself.
+    let expect: Option<fn(&StateError) -> bool> = match u.u8() % 7 {
+        0 => None,
+        1 => {
+            let v = u.u32();
+            if v == list[i].1 {
+                None
+            } else {
+                list[i].1 = v;
+                Some(|e| matches!(e, StateError::PartVersion { .. }))
+            }
+        }
+        2 => {
+            let name = NAMES[usize::from(u.u8()) % NAMES.len()];
+            if name == list[i].0 {
+                None
+            } else {
+                list[i].0 = name.to_string();
+                // Another part's name in the vCPU list; among the devices, an unknown one, or
+                // the other device's (then it is there twice, or its bytes are not that
+                // device's).
+                Some(|e| {
+                    matches!(
+                        e,
+                        StateError::Mismatch(_)
+                            | StateError::UnknownDevice(_)
+                            | StateError::DuplicateDevice(_)
+                            | StateError::PartBody { .. }
+                    )
+                })
+            }
+        }
+        3 if is_device => {
+            list.remove(i);
+            Some(|e| matches!(e, StateError::MissingDevice(_)))
+        }
+        4 if is_device => {
+            let d = list[i].clone();
+            let at = u.below(list.len() as u64 + 1) as usize;
+            list.insert(at, d);
+            Some(|e| matches!(e, StateError::DuplicateDevice(_)))
+        }
+        5 => {
+            let cut = u.below(list[i].2.len() as u64) as usize;
+            list[i].2.truncate(cut);
+            Some(|e| matches!(e, StateError::PartBody { .. }))
+        }
+        6 => {
+            list[i].2.push(u.u8());
+            Some(|e| matches!(e, StateError::Mismatch(_)))
+        }
+        _ => None,
+    };
+    let blob = frame(s.mem_size, &vcpus, &devices);
+    match (VmState::decode(&blob), expect) {
+        (Ok(back), None) => {
+            same(&back, &s);
+            assert_eq!(back.encode(), s.encode());
+        }
+        (Err(e), None) => panic!("an intact state framed by hand is refused: {e}"),
+        (Ok(_), Some(_)) => panic!("an edited section decoded"),
+        (Err(e), Some(ok)) => assert!(ok(&e), "unexpected error: {e:?}"),
+    }
+    decodes_consistently(&blob);
 }

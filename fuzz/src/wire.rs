@@ -1,6 +1,6 @@
 //! Target `wire_frames`: `rmc_transport::wire` and the TCP frame reader on hostile bytes.
 
-use rmc_mc::core::msg_type;
+use rmc_mc::protocol::msg_type;
 use rmc_transport::framing::{FrameReader, LinkError};
 use rmc_transport::wire::{
     self, auth, decode_frame_header, EpochHeader, EpochKind, FrameHeader, Message, MsgType,
@@ -24,7 +24,7 @@ pub fn wire_frames(data: &[u8]) {
     }
 }
 
-fn never_idle(_: std::time::Instant) -> Result<(), String> {
+fn never_idle(_: std::time::Instant) -> Result<(), rmc_transport::framing::Abort> {
     panic!("an in-memory stream never times out")
 }
 

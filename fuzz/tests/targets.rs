@@ -143,3 +143,30 @@ fn random_primary_core() {
 fn random_vm_state() {
     random_inputs("vm_state", 4);
 }
+
+/// The `vm_state` corpus covers the decoder past the header: some of its files are whole
+/// states of this build's encoding (mode 0: the input after its first byte is the blob) that
+/// decode. They are the named seeds `state-*` (and `body-*`, the same without the header) of
+/// `fuzz/examples/seeds.rs`, which `fuzz/afl/run.sh` keeps (AFL++'s minimized queue reaches
+/// that code through the states built in modes 2 and 3 instead). After a change of
+/// `rmc_vmm::state::VERSION` they are refused at the version: regenerate them.
+#[test]
+fn vm_state_corpus_holds_states_that_decode() {
+    let files = files(&corpus_dir("vm_state"));
+    let decoded = files
+        .iter()
+        .filter(|(_, b)| b.first().is_some_and(|m| m % 4 == 0))
+        .filter(|(_, b)| rmc_vmm::VmState::decode(&b[1..]).is_ok())
+        .count();
+    println!(
+        "vm_state: {decoded} of {} corpus files are states that decode",
+        files.len()
+    );
+    assert!(
+        decoded > 0,
+        "no fuzz/corpus/vm_state/ file holds a state of encoding version {} that decodes: \
+         `cargo run -p rmc-fuzz --example seeds -- DIR`, copy DIR/vm_state/state-* and \
+         DIR/vm_state/body-* into fuzz/corpus/vm_state/, then `fuzz/afl/run.sh vm_state`",
+        rmc_vmm::state::VERSION
+    );
+}

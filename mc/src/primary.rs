@@ -5,7 +5,8 @@
 //! full sync while the guest runs: every page, then the pages dirtied meanwhile, in rounds,
 //!   as Sync epochs (chunks of at most one slot), until few pages are left
 //! loop:
-//!   wait for the epoch deadline (or --max-dirty-pages dirtied: peeked every PEEK_EVERY)
+//!   wait for the epoch deadline (or --max-dirty-pages dirtied: peeked every DIRTY_PEEK_EVERY)
+//!     (when: protocol::Scheduler; this loop waits for its events until Scheduler::poll_timeout)
 //!   wait for a free slot (the guest keeps running; the epoch gets longer)
 //!   PAUSE: harvest, save state, gather pages + state into the slot        <- the pause
 //!   RESUME
@@ -36,16 +37,14 @@ use rmc_transport::wire::{self, auth, EpochHeader, EpochKind, Layout, Message, M
 use tracing::{debug, info, warn};
 use vm_memory::GuestAddress;
 
-use crate::core::{Heartbeat, InFlight, PrimaryAction, PrimaryCore, ProtocolError, ResumePoint};
-use crate::{DirtySet, Guest, GuestError};
+use crate::protocol::{
+    earliest, Heartbeat, InFlight, PrimaryAction, PrimaryCore, ProtocolError, ResumePoint,
+    SchedulePolicy, Scheduler, Step, SyncStep, Trigger,
+};
+use crate::{BoxError, DirtySet, Guest, GuestError, PAGE_SIZE};
 
-/// How often the dirty log is peeked between pauses to end an epoch early.
-const PEEK_EVERY: Duration = Duration::from_millis(2);
 /// Sync epochs carry at most this many pages (32 MiB), so none keeps the standby busy long.
 const SYNC_CHUNK_PAGES: usize = 8192;
-/// Full sync stops iterating when at most this fraction of a slot is still dirty, or after
-/// `MAX_SYNC_ROUNDS` rounds.
-const MAX_SYNC_ROUNDS: usize = 8;
 
 /// Fencing on the primary's side (the arbiter, seen from the protocol).
 pub trait Fencing: Send + Sync + std::fmt::Debug {
@@ -56,7 +55,7 @@ pub trait Fencing: Send + Sync + std::fmt::Debug {
     /// consistent checkpoint: record it as the one that may take over. Called before the
     /// first output of a session is released; an error keeps the output held and ends the
     /// session.
-    fn standby_current(&self, token: &str) -> Result<(), String>;
+    fn standby_current(&self, token: &str) -> Result<(), BoxError>;
 }
 
 /// Where the last session of a primary ended, shared by its sessions (clones of one config):
@@ -156,7 +155,7 @@ pub enum PrimaryError {
     Staging(#[from] StagingError),
     /// The arbiter could not record the standby as current: its output stays held.
     #[error("The arbiter could not record the standby as current: {0}")]
-    Fence(String),
+    Fence(BoxError),
 }
 
 /// Figures of a protection run.
@@ -293,7 +292,7 @@ impl<'g, G: Guest> Primary<'g, G> {
     /// Connects to the standby and completes the handshake.
     pub fn connect(guest: &'g G, config: PrimaryConfig) -> Result<Self, PrimaryError> {
         let layout = Layout {
-            page_size: 4096,
+            page_size: PAGE_SIZE as u32,
             regions: guest.regions(),
             vcpus: guest.vcpus(),
             slot_pages: config.slot_pages as u32,
@@ -321,16 +320,21 @@ impl<'g, G: Guest> Primary<'g, G> {
             core.set_fence(f.fence());
         }
         core.set_resume_point(config.lineage.get());
-        let token = crate::core::session_hex(&core.session());
+        // RDMA: bodies are placed in the standby's slots, so the core expects its RegionKey.
+        let mut placement = writer.get_mut().rdma().is_some();
+        core.set_placement(placement);
+        let token = crate::protocol::session_hex(&core.session());
         writer.send(&hello)?;
         let limit = config.handshake_timeout;
         let deadline = now + limit;
         let resumed: bool;
         let mut idle = |_| {
             if Instant::now() > deadline {
-                Err(format!(
-                    "The standby did not complete the handshake within {limit:?}"
-                ))
+                Err(ProtocolError::HandshakeTimeout {
+                    peer: "standby",
+                    limit,
+                }
+                .into())
             } else {
                 Ok(())
             }
@@ -343,24 +347,19 @@ impl<'g, G: Guest> Primary<'g, G> {
                 PrimaryAction::Established {
                     last_applied,
                     resume,
+                    region_key,
                 } => {
                     resumed = resume;
-                    if let Some(tx) = writer.get_mut().rdma() {
-                        // The standby's RegionKey follows its Accept.
-                        let key = match reader.next_message(&mut idle)? {
-                            Message::RegionKey(k) => k,
-                            other => {
-                                return Err(PrimaryError::Link(LinkError::Aborted(format!(
-                                    "The standby sent {other:?} where its RDMA region key belongs"
-                                ))))
-                            }
-                        };
+                    if let Some(key) = region_key {
+                        let tx = writer.get_mut().rdma().expect("placement is RDMA only");
                         tx.enable_placement(&ring, key)
                             .map_err(|source| LinkError::Io {
                                 what: "setting up RDMA placement",
                                 source,
                             })?;
+                        placement = false;
                     }
+                    debug_assert!(!placement, "an RDMA connection got no region key");
                     info!(standby = %config.standby, last_applied, resume, %transport, "standby accepted: protection starting");
                     break;
                 }
@@ -427,7 +426,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             // Tell the standby what it did wrong, when it did (best effort: it may be gone,
             // and the sender thread may hold the connection).
             let reason = match e {
-                PrimaryError::Protocol(p) => crate::core::refusal(p),
+                PrimaryError::Protocol(p) => crate::protocol::refusal(p),
                 PrimaryError::Link(LinkError::Wire(w)) => Some(Message::Refuse {
                     reason: w.to_string(),
                 }),
@@ -465,60 +464,79 @@ impl<'g, G: Guest> Primary<'g, G> {
         self.resumed
     }
 
+    /// The scheduling policy of this primary's settings.
+    fn policy(&self) -> SchedulePolicy {
+        SchedulePolicy::new(
+            self.config.epoch_interval,
+            self.config.max_dirty_pages,
+            self.config.slot_pages,
+        )
+    }
+
+    /// The next instant something is due: the scheduler's, or the connection's (heartbeat,
+    /// the standby's silence).
+    fn wake_at(&self, sched: Option<&Scheduler>) -> Option<Instant> {
+        earliest(
+            self.core.poll_timeout(),
+            sched.and_then(Scheduler::poll_timeout),
+        )
+    }
+
     fn protect(&mut self, stop: &AtomicBool) -> Result<(), PrimaryError> {
         self.full_sync()?;
         let protect_start = Instant::now();
-        let mut epoch_start = protect_start;
-        let over = |cfg: &PrimaryConfig| {
-            stop.load(Ordering::Acquire)
-                || cfg
-                    .protect_for
-                    .is_some_and(|d| protect_start.elapsed() >= d)
-        };
+        let mut sched = Scheduler::new(self.policy(), protect_start);
         loop {
-            let last = over(&self.config);
-            if !last {
-                // Let the epoch run, peeking at the dirty log to end it early.
-                let deadline = epoch_start + self.config.epoch_interval;
-                loop {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        break;
-                    }
-                    self.process_events(Some((deadline - now).min(PEEK_EVERY)))?;
+            let now = Instant::now();
+            if stop.load(Ordering::Acquire)
+                || self
+                    .config
+                    .protect_for
+                    .is_some_and(|d| now.saturating_duration_since(protect_start) >= d)
+            {
+                sched.stop();
+            }
+            match sched.poll(now, self.ring.free_count() > 0) {
+                Step::Wait => self.process_events(self.wake_at(Some(&sched)))?,
+                Step::PeekDirty => {
+                    // Let the epoch run, peeking at the dirty log to end it early.
                     let peeked = self.guest.harvest().map_err(PrimaryError::Guest)?;
                     self.pending.union_with(&peeked);
-                    if self.pending.len() >= self.config.max_dirty_pages
-                        || stop.load(Ordering::Acquire)
-                    {
-                        break;
+                    sched.dirty_observed(self.pending.len(), Instant::now());
+                }
+                Step::Checkpoint(why) => {
+                    let Some(slot) = self.ring.try_acquire() else {
+                        continue;
+                    };
+                    sched.checkpoint_taken(Instant::now());
+                    let last = why == Trigger::Last;
+                    let pending = std::mem::replace(
+                        &mut self.pending,
+                        DirtySet::empty(&self.guest.regions()),
+                    );
+                    self.checkpoint(slot, pending, !last)?;
+                    self.summary();
+                    if last {
+                        let r = self.drain_acks(&mut sched).and_then(|()| {
+                            let goodbye = Message::Goodbye {
+                                last_epoch: self.core.last_acked(),
+                            };
+                            Ok(self.writer.lock().send(&goodbye)?)
+                        });
+                        self.stats.protected_time = protect_start.elapsed();
+                        if r.is_err() {
+                            self.guest.resume();
+                        }
+                        return r;
                     }
                 }
-            }
-            let slot = self.wait_for_slot()?;
-            epoch_start = Instant::now();
-            let pending =
-                std::mem::replace(&mut self.pending, DirtySet::empty(&self.guest.regions()));
-            self.checkpoint(slot, pending, !last)?;
-            self.summary();
-            if last {
-                let r = self.drain_acks(Duration::from_secs(10)).and_then(|()| {
-                    let goodbye = Message::Goodbye {
-                        last_epoch: self.core.last_acked(),
-                    };
-                    Ok(self.writer.lock().send(&goodbye)?)
-                });
-                self.stats.protected_time = protect_start.elapsed();
-                if r.is_err() {
-                    self.guest.resume();
-                }
-                return r;
             }
         }
     }
 
     fn full_sync(&mut self) -> Result<(), PrimaryError> {
         let start = Instant::now();
+        let sched = Scheduler::new(self.policy(), start);
         let mut to_send = if self.resumed {
             // The standby holds a checkpoint of the previous session: everything written
             // since is in the dirty log (see `ResumePoint`).
@@ -533,12 +551,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             self.guest.harvest().map_err(PrimaryError::Guest)?;
             DirtySet::full(&self.guest.regions())
         };
-        let threshold = self
-            .config
-            .max_dirty_pages
-            .min(self.config.slot_pages / 2)
-            .max(1);
-        for round in 0..MAX_SYNC_ROUNDS {
+        for round in 0.. {
             let n = to_send.len();
             let pages: Vec<GuestAddress> = to_send.pages().collect();
             for chunk in pages.chunks(self.config.slot_pages.min(SYNC_CHUNK_PAGES)) {
@@ -551,7 +564,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             self.stats.sync_pages += n as u64;
             to_send = self.guest.harvest().map_err(PrimaryError::Guest)?;
             debug!(round, sent = n, dirtied = to_send.len(), "full sync round");
-            if to_send.len() <= threshold {
+            if sched.sync_round_done(round, to_send.len()) == SyncStep::Done {
                 break;
             }
         }
@@ -572,7 +585,8 @@ impl<'g, G: Guest> Primary<'g, G> {
                 return Ok(s);
             }
             // All slots in flight: the standby is slow. The guest keeps running meanwhile.
-            self.process_events(Some(PEEK_EVERY))?;
+            // Only an event frees a slot (an ack, or the sender done with an epoch).
+            self.process_events(self.wake_at(None))?;
         }
     }
 
@@ -711,7 +725,7 @@ impl<'g, G: Guest> Primary<'g, G> {
         let jobs = self.jobs.as_ref().expect("sender running");
         if jobs.send(Job { header, slot }).is_err() {
             // The sender thread ended: it reported why on the event channel.
-            self.process_events(Some(Duration::from_millis(100)))?;
+            self.process_events(Some(Instant::now() + Duration::from_millis(100)))?;
         }
         Ok(())
     }
@@ -727,7 +741,12 @@ impl<'g, G: Guest> Primary<'g, G> {
         self.stats.oversize += 1;
         // Everything queued before must be on the wire first.
         while self.sent_up_to < self.staged_up_to {
-            self.process_events(Some(PEEK_EVERY))?;
+            if let Err(e) = self.process_events(self.wake_at(None)) {
+                // Not handed to the core yet, so not among the epochs `run` puts back: its
+                // pages go back to the log here, or a resumed standby would never get them.
+                self.guest.put_back(dirty);
+                return Err(e);
+            }
         }
         let header = self.core.begin_epoch(
             EpochKind::Checkpoint,
@@ -741,38 +760,33 @@ impl<'g, G: Guest> Primary<'g, G> {
             },
             Instant::now(),
         );
+        // Framing and checksum as for any epoch: the pieces are hashed as they go out.
+        let body_len = header
+            .body_len(self.core.layout())
+            .map_err(ProtocolError::from)?;
         let index: Vec<u8> = pages.iter().flat_map(|p| p.0.to_le_bytes()).collect();
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        hasher.update(&index);
         let mut w = self.writer.lock();
-        let mut head = Vec::new();
-        wire::encode(&Message::EpochHeader(header), &mut head);
-        let body_len = index.len() as u64 + pages.len() as u64 * 4096 + state.len() as u64;
-        wire::encode_body_header(body_len, &mut head);
-        w.send_raw(&[&head, &index])?;
+        let mut body = w.start_epoch(&header, body_len)?;
+        body.send(&[&index])?;
         for chunk in pages.chunks(slot.capacity()) {
             slot.clear();
             slot.gather(self.guest.memory(), chunk)?;
-            hasher.update(slot.data());
-            w.send_raw(&[slot.data()])?;
+            body.send(&[slot.data()])?;
         }
-        hasher.update(state);
-        w.send_raw(&[state])?;
-        w.send(&Message::Commit {
-            epoch: header.epoch,
-            checksum: hasher.digest(),
-        })?;
+        body.send(&[state])?;
+        body.finish()?;
         self.staged_up_to = header.epoch;
         self.sent_up_to = header.epoch;
         Ok(())
     }
 
-    /// Handles link events for up to `wait` (`None`: only what is already there).
-    fn process_events(&mut self, wait: Option<Duration>) -> Result<(), PrimaryError> {
+    /// Handles link events, waiting for the first one until `until` (`None`: only what is
+    /// already there), then does what the connection's timers ask (a heartbeat).
+    fn process_events(&mut self, until: Option<Instant>) -> Result<(), PrimaryError> {
         let mut first = true;
         loop {
-            let ev = match (first, wait) {
-                (true, Some(d)) => match self.events.recv_timeout(d) {
+            let ev = match (first, until) {
+                (true, Some(t)) => match self.events.recv_deadline(t) {
                     Ok(ev) => ev,
                     Err(RecvTimeoutError::Timeout) => break,
                     Err(RecvTimeoutError::Disconnected) => {
@@ -864,16 +878,11 @@ impl<'g, G: Guest> Primary<'g, G> {
         Ok(())
     }
 
-    fn drain_acks(&mut self, timeout: Duration) -> Result<(), PrimaryError> {
-        let deadline = Instant::now() + timeout;
-        while self.core.in_flight() > 0 {
-            if Instant::now() > deadline {
-                return Err(PrimaryError::Link(LinkError::Aborted(format!(
-                    "The standby did not acknowledge the last {} epochs within {timeout:?}",
-                    self.core.in_flight()
-                ))));
-            }
-            self.process_events(Some(PEEK_EVERY))?;
+    /// Waits until every epoch is acknowledged, within the scheduler's drain deadline.
+    fn drain_acks(&mut self, sched: &mut Scheduler) -> Result<(), PrimaryError> {
+        sched.start_drain(Instant::now());
+        while !sched.drained(Instant::now(), self.core.in_flight())? {
+            self.process_events(self.wake_at(Some(sched)))?;
         }
         Ok(())
     }
@@ -948,9 +957,13 @@ fn spawn_sender(
                 let bytes = parts.iter().map(|p| p.len() as u64).sum::<u64>()
                     + 3 * wire::FRAME_HEADER_LEN as u64
                     + 40;
+                // Done with the slot before saying so: once its epoch is acknowledged too, the
+                // slot is free, and the loop, which waits for events, sees it at this one.
+                let epoch = job.header.epoch;
+                drop(job);
                 let ev = match r {
                     Ok(()) => Event::Sent {
-                        epoch: job.header.epoch,
+                        epoch,
                         started,
                         ended: Instant::now(),
                         bytes,

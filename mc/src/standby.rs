@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rmc_staging::{SlotLayout, SlotRing, StagingError};
-use rmc_transport::framing::{FrameReader, FrameWriter, LinkError};
+use rmc_transport::framing::{Abort, FrameReader, FrameWriter, Idle, LinkError};
 use rmc_transport::link::{Closer, Conn, Listener, Rx, Transport, Tx};
 use rmc_transport::wire::{
     self, auth, EpochHeader, EpochKind, Layout, Message, MsgType, WireError, MAX_STATE_LEN,
@@ -34,7 +34,9 @@ use tracing::{debug, info, warn};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::core::{Heartbeat, LayoutRule, ProtocolError, StandbyAction, StandbyCore};
+use crate::protocol::{Heartbeat, LayoutRule, ProtocolError, StandbyAction, StandbyCore};
+use crate::{BoxError, PAGE_SIZE};
+use rmc_guest_api::PAGE_BYTES;
 
 /// Memory of the backup: the VMM's guest memory type, so a VM can run on it.
 pub type BackupMemory = GuestMemoryMmap<AtomicBitmap>;
@@ -50,10 +52,10 @@ pub trait RestoreCheck: Send + Sync + std::fmt::Debug {
     /// refused at the handshake.
     fn state_version(&self) -> u32;
     /// Whether a VM of this layout can be built here (vCPU count, memory size and regions).
-    fn check_layout(&self, layout: &Layout) -> Result<(), String>;
+    fn check_layout(&self, layout: &Layout) -> Result<(), BoxError>;
     /// Whether this checkpoint's state blob decodes and fits the layout (vCPU count, memory
     /// size): only then is the checkpoint applied and acknowledged.
-    fn check_state(&self, state: &[u8], layout: &Layout) -> Result<(), String>;
+    fn check_state(&self, state: &[u8], layout: &Layout) -> Result<(), BoxError>;
 }
 
 /// Fencing on the standby's side: only the primary that holds the arbiter's primary key may
@@ -62,7 +64,7 @@ pub trait RestoreCheck: Send + Sync + std::fmt::Debug {
 pub trait FenceCheck: Send + Sync + std::fmt::Debug {
     /// Whether a primary presenting the fencing token `fence` (its revision of the arbiter's
     /// primary key; 0 without an arbiter) is the current primary. `Err`: why not.
-    fn check_primary(&self, fence: u64) -> Result<(), String>;
+    fn check_primary(&self, fence: u64) -> Result<(), BoxError>;
 }
 
 /// Standby settings.
@@ -131,7 +133,7 @@ pub struct Backup {
 impl Backup {
     /// The checkpoint's session token as lowercase hex (as the arbiter stores it).
     pub fn lineage_hex(&self) -> String {
-        crate::core::session_hex(&self.lineage)
+        crate::protocol::session_hex(&self.lineage)
     }
 
     /// The session tokens under which the arbiter may let this backup take over: its own and,
@@ -139,7 +141,7 @@ impl Backup {
     pub fn takeover_tokens(&self) -> Vec<String> {
         std::iter::once(self.lineage)
             .chain(self.previous_lineage)
-            .map(|t| crate::core::session_hex(&t))
+            .map(|t| crate::protocol::session_hex(&t))
             .collect()
     }
 }
@@ -195,19 +197,19 @@ pub enum StandbyError {
     },
     /// The primary's guest cannot be built on this host.
     #[error("The primary's guest cannot run on this host: {0}")]
-    NotBuildable(String),
+    NotBuildable(BoxError),
     /// The primary is not the one the arbiter names (a stale primary, or one without an
     /// arbiter connecting to a fenced standby).
     #[error("Refused by fencing: {0}")]
-    Fenced(String),
+    Fenced(BoxError),
     /// A checkpoint that arrived whole and verified, but could not become a running VM: it
     /// is refused and not acknowledged; the backup keeps the checkpoint before it.
     #[error("Checkpoint {epoch} cannot be restored: {reason}")]
     Unrestorable {
         /// The epoch.
         epoch: u64,
-        /// Why.
-        reason: String,
+        /// Why (the [`RestoreCheck`]'s error).
+        reason: BoxError,
     },
     /// The connection ended in the middle of an epoch, which is discarded.
     #[error("Connection closed in the middle of epoch {epoch}; the partial epoch is discarded")]
@@ -215,9 +217,14 @@ pub enum StandbyError {
         /// The epoch.
         epoch: u64,
     },
-    /// An RDMA-placed body names a slot it cannot be in.
-    #[error("Invalid RDMA placement: {0}")]
-    Placement(String),
+    /// An RDMA-placed body names a slot that still holds an epoch not yet applied.
+    #[error("Invalid RDMA placement: epoch {epoch} placed in slot {slot}, which still holds an unapplied epoch")]
+    SlotBusy {
+        /// The epoch.
+        epoch: u64,
+        /// The slot.
+        slot: u32,
+    },
     /// An epoch larger than a slot could not be kept in a temporary file.
     #[error("Epoch {epoch} is larger than a slot and could not be kept in a temporary file")]
     Spill {
@@ -243,7 +250,7 @@ impl StandbyError {
             | StandbyError::HandshakeClosed
             | StandbyError::Incomplete { .. }
             | StandbyError::Accept(_) => false,
-            StandbyError::Protocol(p) => crate::core::refusal(p).is_some(),
+            StandbyError::Protocol(p) => crate::protocol::refusal(p).is_some(),
             _ => true,
         }
     }
@@ -593,7 +600,7 @@ impl Standby {
             core.heard(Instant::now());
             w.send(&accept)?;
             if let Some(key) = key {
-                w.send(&Message::RegionKey(key))?;
+                w.send(&core.region_key(key))?;
             }
             // Heartbeats may flow once the primary has its Accept (and RDMA region key).
             sent.store(1, Ordering::Release);
@@ -620,22 +627,6 @@ impl Standby {
                 }
                 Err(e) => return Err(e.into()),
             };
-            if h.ty == MsgType::BodyPlaced {
-                // RDMA: the body is already in one of our slots.
-                let msg = reader.read_message(h, &mut idler(core))?;
-                let Message::BodyPlaced { slot, len } = msg else {
-                    unreachable!("decoded by type")
-                };
-                if writer.lock().get_mut().rdma().is_none() {
-                    return Err(StandbyError::Placement(
-                        "BodyPlaced on a TCP connection".into(),
-                    ));
-                }
-                let header = core.on_body_frame(len)?;
-                let b = self.placed_body(header, slot)?;
-                self.received(core, header, b, &mut body)?;
-                continue;
-            }
             if h.ty == MsgType::EpochBody {
                 let header = core.on_body_frame(h.len)?;
                 let b = self.receive_body(reader, header, &mut idler(core))?;
@@ -652,6 +643,11 @@ impl Standby {
                     return Ok(());
                 }
                 StandbyAction::None | StandbyAction::ExpectBody { .. } => {}
+                StandbyAction::BodyPlaced { header, slot } => {
+                    // RDMA: the body is already in one of our slots.
+                    let b = self.placed_body(header, slot)?;
+                    self.received(core, header, b, &mut body)?;
+                }
                 StandbyAction::Send(m) => writer.lock().send(&m)?,
                 StandbyAction::Established { .. } => {
                     unreachable!("the handshake completed before the session")
@@ -780,20 +776,16 @@ impl Standby {
         Ok(())
     }
 
-    /// The body the primary RDMA-wrote into our slot `slot`.
+    /// The body the primary RDMA-wrote into our slot `slot` (a slot of the layout: the core
+    /// checked).
     fn placed_body(&self, header: EpochHeader, slot: u32) -> Result<Body, StandbyError> {
         let ring = self.ring.as_ref().expect("prepared at handshake");
-        let count = ring.region().slot_count();
-        let mut s = ring.try_acquire_index(slot as usize).ok_or_else(|| {
-            StandbyError::Placement(if slot as usize >= count {
-                format!("epoch {} placed in slot {slot} of {count}", header.epoch)
-            } else {
-                format!(
-                    "epoch {} placed in slot {slot}, which still holds an unapplied epoch",
-                    header.epoch
-                )
-            })
-        })?;
+        let mut s = ring
+            .try_acquire_index(slot as usize)
+            .ok_or(StandbyError::SlotBusy {
+                epoch: header.epoch,
+                slot,
+            })?;
         // Marks the slot as holding that many pages and state bytes; the bytes are there.
         s.receive_areas(header.page_count as usize, header.state_len as usize)?;
         Ok(Body::Slot(s))
@@ -803,7 +795,7 @@ impl Standby {
         &mut self,
         reader: &mut FrameReader<Rx>,
         header: EpochHeader,
-        idle: &mut dyn FnMut(Instant) -> Result<(), String>,
+        idle: &mut Idle<'_>,
     ) -> Result<Body, StandbyError> {
         let pages = header.page_count as usize;
         let state_len = header.state_len as usize;
@@ -826,18 +818,22 @@ impl Standby {
     fn apply(&mut self, header: &EpochHeader, body: &Body) -> Result<(), StandbyError> {
         let backup = self.backup.as_mut().expect("prepared at handshake");
         let (index, state) = (body.index_bytes(), body.state());
-        let mut page = [0u8; 4096];
+        let mut page = [0u8; PAGE_BYTES];
         for (i, chunk) in index.chunks_exact(8).enumerate() {
             let addr = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
             let data = match body {
-                Body::Slot(s) => &s.data()[i * 4096..(i + 1) * 4096],
+                Body::Slot(s) => &s.data()[i * PAGE_BYTES..(i + 1) * PAGE_BYTES],
                 Body::Spilled { file, .. } => {
-                    std::os::unix::fs::FileExt::read_exact_at(file, &mut page, i as u64 * 4096)
-                        .map_err(|e| {
-                            StandbyError::Backup(format!(
-                                "cannot read page {addr:#x} back from its temporary file: {e}"
-                            ))
-                        })?;
+                    std::os::unix::fs::FileExt::read_exact_at(
+                        file,
+                        &mut page,
+                        i as u64 * PAGE_SIZE,
+                    )
+                    .map_err(|e| {
+                        StandbyError::Backup(format!(
+                            "cannot read page {addr:#x} back from its temporary file: {e}"
+                        ))
+                    })?;
                     &page[..]
                 }
             };
@@ -928,7 +924,7 @@ impl Body {
 fn spill(
     reader: &mut FrameReader<Rx>,
     header: EpochHeader,
-    idle: &mut dyn FnMut(Instant) -> Result<(), String>,
+    idle: &mut Idle<'_>,
 ) -> Result<Body, StandbyError> {
     let pages = header.page_count as usize;
     let fail = |e: std::io::Error| StandbyError::Spill {
@@ -940,8 +936,8 @@ fn spill(
     let mut index = vec![0u8; pages * 8];
     reader.read_full(&mut index, "an epoch's page index", idle)?;
     hash.update(&index);
-    let mut chunk = vec![0u8; 256 * 4096];
-    let mut left = pages * 4096;
+    let mut chunk = vec![0u8; 256 * PAGE_BYTES];
+    let mut left = pages * PAGE_BYTES;
     let mut at = 0u64;
     while left > 0 {
         let n = left.min(chunk.len());
@@ -982,12 +978,10 @@ fn temp_file(epoch: u64) -> std::io::Result<std::fs::File> {
 
 /// While a read waits: give up when the primary went silent (heartbeats go out from their
 /// own thread).
-fn idler(core: &mut StandbyCore) -> impl FnMut(Instant) -> Result<(), String> + '_ {
+fn idler(core: &mut StandbyCore) -> impl FnMut(Instant) -> Result<(), Abort> + '_ {
     move |last_data| {
         core.heard(last_data);
-        core.tick(Instant::now())
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        core.tick(Instant::now()).map(|_| ()).map_err(Abort::from)
     }
 }
 

@@ -16,10 +16,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rmc_mc::core::{Heartbeat, ProtocolError};
+use rmc_mc::protocol::{Heartbeat, ProtocolError};
 use rmc_mc::standby::{error_chain, RestoreCheck, Session, Standby, StandbyConfig, StandbyError};
+use rmc_mc::BoxError;
+use rmc_mc::PAGE_SIZE as PAGE;
+use rmc_staging::PAGE_BYTES;
 use rmc_staging::{SlotLayout, SlotRing};
-use rmc_transport::framing::{FrameReader, FrameWriter, LinkError};
+use rmc_transport::framing::{Abort, FrameReader, FrameWriter, LinkError};
 use rmc_transport::link::{first_rdma_ip, Closer, Conn, Rx, Transport, Tx};
 use rmc_transport::wire::{
     self, auth, EpochHeader, EpochKind, Layout, Message, MsgType, WireError, MAX_CONTROL_LEN,
@@ -70,7 +73,7 @@ const HEARTBEAT: Heartbeat = Heartbeat {
 
 fn layout() -> Layout {
     Layout {
-        page_size: 4096,
+        page_size: PAGE as u32,
         regions: vec![(0, MEM)],
         vcpus: 1,
         slot_pages: 16,
@@ -112,19 +115,33 @@ impl RestoreCheck for StateCheck {
         1
     }
 
-    fn check_layout(&self, layout: &Layout) -> Result<(), String> {
+    fn check_layout(&self, layout: &Layout) -> Result<(), BoxError> {
         if layout.vcpus != 1 {
-            return Err(format!("{} vCPUs (this host builds 1)", layout.vcpus));
+            return Err(Unrestorable::Vcpus(layout.vcpus).into());
         }
         Ok(())
     }
 
-    fn check_state(&self, state: &[u8], _: &Layout) -> Result<(), String> {
+    fn check_state(&self, state: &[u8], _: &Layout) -> Result<(), BoxError> {
         if !state.starts_with(b"state-") {
-            return Err("not a state blob of this test".into());
+            return Err(Unrestorable::NotAState.into());
         }
         Ok(())
     }
+}
+
+/// Why [`StateCheck`] refuses.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum Unrestorable {
+    #[error("{0} vCPUs (this host builds 1)")]
+    Vcpus(u32),
+    #[error("not a state blob of this test")]
+    NotAState,
+}
+
+/// Whether `e` is `want`, as a [`StateCheck`] reported it.
+fn refused_as(e: &BoxError, want: Unrestorable) -> bool {
+    e.downcast_ref::<Unrestorable>() == Some(&want)
 }
 
 /// Serves one connection on a thread; returns the standby and how the session went.
@@ -171,18 +188,23 @@ fn connect(addr: SocketAddr, t: Transport) -> Peer {
 
 /// An idle callback for the peer's reads: fails the read once nothing arrived for
 /// [`HANG_GUARD`].
-fn hang_guard(what: &'static str) -> impl FnMut(Instant) -> Result<(), String> {
+fn hang_guard(what: &'static str) -> impl FnMut(Instant) -> Result<(), Abort> {
     move |last_data: Instant| {
         if last_data.elapsed() > HANG_GUARD {
-            Err(format!(
-                "nothing from the standby for {HANG_GUARD:?} while waiting for {what} \
-                 (a hang guard, not a speed requirement)"
-            ))
+            Err(HangGuard(what).into())
         } else {
             Ok(())
         }
     }
 }
+
+/// What [`hang_guard`] stops a read with.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "nothing from the standby for {HANG_GUARD:?} while waiting for {0} \
+     (a hang guard, not a speed requirement)"
+)]
+struct HangGuard(&'static str);
 
 fn next(p: &mut Peer) -> Message {
     p.r.next_message(&mut hang_guard("the standby's answer"))
@@ -196,7 +218,7 @@ fn until_standby_closes(p: &mut Peer) {
     loop {
         match p.r.next_message(&mut hang_guard("the standby to close")) {
             Ok(_) => {}
-            Err(LinkError::Aborted(why)) => panic!("{why}"),
+            Err(e @ LinkError::Aborted(_)) => panic!("{e}"),
             Err(_) => return,
         }
     }
@@ -257,7 +279,7 @@ fn place(p: &mut Peer, pages: &[(u64, u8)], state: &[u8]) -> (rmc_staging::Slot,
     let a = slot.receive_areas(pages.len(), state.len()).unwrap();
     for (i, &(addr, fill)) in pages.iter().enumerate() {
         a.index[i * 8..(i + 1) * 8].copy_from_slice(&addr.to_le_bytes());
-        a.data[i * 4096..(i + 1) * 4096].fill(fill);
+        a.data[i * PAGE_BYTES..(i + 1) * PAGE_BYTES].fill(fill);
     }
     a.state.copy_from_slice(state);
     let len = p.w.get_mut().rdma().unwrap().place(&slot, true).unwrap();
@@ -267,7 +289,10 @@ fn place(p: &mut Peer, pages: &[(u64, u8)], state: &[u8]) -> (rmc_staging::Slot,
 /// An epoch's body: pages (address, fill byte) and state.
 fn body(pages: &[(u64, u8)], state: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let index: Vec<u8> = pages.iter().flat_map(|(a, _)| a.to_le_bytes()).collect();
-    let mut data: Vec<u8> = pages.iter().flat_map(|&(_, b)| vec![b; 4096]).collect();
+    let mut data: Vec<u8> = pages
+        .iter()
+        .flat_map(|&(_, b)| vec![b; PAGE_BYTES])
+        .collect();
     data.extend_from_slice(state);
     (index, data)
 }
@@ -326,7 +351,7 @@ fn standby_with_checkpoint(t: Transport) -> (Standby, (u64, Option<u64>, u64)) {
     let h = serve(sb);
     let mut p = connect(addr, t);
     assert_eq!(handshake(&mut p, SECRET, layout()), 0);
-    let all: Vec<(u64, u8)> = (0..16).map(|i| (i * 4096, i as u8)).collect();
+    let all: Vec<(u64, u8)> = (0..16).map(|i| (i * PAGE, i as u8)).collect();
     good_epoch(&mut p, 1, EpochKind::Sync, &all, b"");
     good_epoch(
         &mut p,
@@ -786,7 +811,7 @@ fn rdma_disconnect_mid_placement() {
                 2,
             ))]);
             send_delivered(p, &f);
-            let pages: Vec<(u64, u8)> = (0..16).map(|i| (i * 4096, 0xee)).collect();
+            let pages: Vec<(u64, u8)> = (0..16).map(|i| (i * PAGE, 0xee)).collect();
             let _ = place(p, &pages, b"st");
             p.closer.close();
         },
@@ -798,8 +823,17 @@ fn rdma_disconnect_mid_placement() {
 fn rdma_body_placed_in_a_slot_that_does_not_exist() {
     check_fault(
         Transport::Rdma,
-        "Placement(\"epoch 3 placed in slot 7 of 2\")",
-        |e| matches!(e, StandbyError::Placement(why) if why == "epoch 3 placed in slot 7 of 2"),
+        "PlacedOutside { epoch: 3, slot: 7, count: 2 }",
+        |e| {
+            matches!(
+                e,
+                StandbyError::Protocol(ProtocolError::PlacedOutside {
+                    epoch: 3,
+                    slot: 7,
+                    count: 2
+                })
+            )
+        },
         |p| {
             handshake(p, SECRET, layout());
             p.w.send(&Message::EpochHeader(header(
@@ -811,7 +845,7 @@ fn rdma_body_placed_in_a_slot_that_does_not_exist() {
             .unwrap();
             p.w.send(&Message::BodyPlaced {
                 slot: 7,
-                len: 8 + 4096 + 2,
+                len: 8 + PAGE + 2,
             })
             .unwrap();
             until_standby_closes(p);
@@ -828,29 +862,39 @@ fn queue_pair_error_outcome(e: &StandbyError) -> Option<&'static str> {
     let hb = HEARTBEAT;
     match e {
         // The heartbeat timeout: nothing heard from the primary.
-        StandbyError::Link(LinkError::Aborted(why))
-            if why.starts_with("Nothing heard from the primary for ")
-                && why.ends_with(&format!(" (heartbeat timeout {:?})", hb.timeout)) =>
+        StandbyError::Link(e)
+            if matches!(
+                e.aborted_by::<ProtocolError>(),
+                Some(ProtocolError::PeerSilent { peer: "primary", timeout, .. })
+                    if *timeout == hb.timeout
+            ) =>
         {
             Some("heartbeat silence")
         }
         // The send timeout (= heartbeat timeout): heartbeats sent, none acknowledged, until
         // the send buffers ran out.
-        StandbyError::Link(LinkError::Aborted(why))
-            if *why
-                == format!(
-                    "Socket error while sending a message: the peer acknowledged none of our \
-                     RDMA sends for {:?} (it is gone, or its link is)",
-                    hb.timeout
-                ) =>
+        StandbyError::Link(e)
+            if matches!(
+                e.aborted_by::<LinkError>(),
+                Some(LinkError::Io { what: "sending a message", source })
+                    if source.to_string()
+                        == format!(
+                            "the peer acknowledged none of our RDMA sends for {:?} (it is \
+                             gone, or its link is)",
+                            hb.timeout
+                        )
+            ) =>
         {
             Some("RDMA send timeout")
         }
         // The transport retries of a heartbeat SEND ran out.
-        StandbyError::Link(LinkError::Aborted(why))
-            if why.starts_with(
-                "Socket error while sending a message: RDMA send completion failed: \
-                 transport retry counter exceeded",
+        StandbyError::Link(e)
+            if matches!(
+                e.aborted_by::<LinkError>(),
+                Some(LinkError::Io { what: "sending a message", source })
+                    if source.to_string().starts_with(
+                        "RDMA send completion failed: transport retry counter exceeded"
+                    )
             ) =>
         {
             Some("RDMA retries exceeded")
@@ -991,7 +1035,7 @@ fn a_guest_this_host_cannot_build() {
         "{reply:?}"
     );
     assert!(
-        matches!(&error, StandbyError::NotBuildable(why) if why == "2 vCPUs (this host builds 1)"),
+        matches!(&error, StandbyError::NotBuildable(why) if refused_as(why, Unrestorable::Vcpus(2))),
         "{error:?}"
     );
 }
@@ -1049,7 +1093,7 @@ fn unrestorable_checkpoint_is_refused_not_acked() {
     check_fault(
         transport(),
         "Unrestorable { epoch: 3 }",
-        |e| matches!(e, StandbyError::Unrestorable { epoch: 3, reason } if reason == "not a state blob of this test"),
+        |e| matches!(e, StandbyError::Unrestorable { epoch: 3, reason } if refused_as(reason, Unrestorable::NotAState)),
         |p| {
             handshake(p, SECRET, layout());
             let (index, rest) = body(&[(0x1000, 1)], b"garbage");
@@ -1215,7 +1259,7 @@ fn an_epoch_larger_than_a_slot_is_applied_only_whole_and_verified() {
     let h = serve(sb);
     let mut p = connect(addr, t);
     assert_eq!(handshake(&mut p, SECRET, layout()), 0);
-    let pages: Vec<(u64, u8)> = (0..200).map(|i| (i * 4096, (i % 251) as u8 + 1)).collect();
+    let pages: Vec<(u64, u8)> = (0..200).map(|i| (i * PAGE, (i % 251) as u8 + 1)).collect();
     // Over TCP as a body frame; over RDMA too (larger than a slot, it cannot be placed).
     let (index, rest) = body(&pages, b"");
     p.w.send_epoch(
@@ -1241,7 +1285,7 @@ fn an_epoch_larger_than_a_slot_is_applied_only_whole_and_verified() {
     let (sb, s) = h.join().unwrap();
     s.result.expect("a good session");
     let b = sb.backup().unwrap();
-    let mut page = vec![0u8; 4096];
+    let mut page = vec![0u8; PAGE_BYTES];
     for &(addr, fill) in &pages {
         b.memory.read_slice(&mut page, GuestAddress(addr)).unwrap();
         let want = if addr == 0x1000 { 9 } else { fill };
@@ -1254,7 +1298,7 @@ fn an_epoch_larger_than_a_slot_is_applied_only_whole_and_verified() {
     assert_eq!(handshake(&mut p, SECRET, layout()), 2);
     let (index, mut rest) = body(&pages, b"");
     let checksum = wire::checksum(&[&index, &rest]);
-    rest[150 * 4096] ^= 0xff;
+    rest[150 * PAGE_BYTES] ^= 0xff;
     p.w.send_epoch(
         &header(3, EpochKind::Sync, pages.len(), 0),
         &[&index, &rest],

@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rmc_mc::core::Heartbeat;
+use rmc_mc::protocol::Heartbeat;
 use rmc_mc::standby::{error_chain, FenceCheck, Session, Standby, StandbyConfig, StandbyError};
+use rmc_mc::BoxError;
 use rmc_transport::framing::{FrameReader, FrameWriter, LinkError};
 use rmc_transport::link::{Closer, Conn, Rx, Transport, Tx};
 use rmc_transport::wire::{
@@ -26,7 +27,7 @@ use rmc_transport::wire::{
 use vm_memory::{Bytes, GuestAddress};
 
 const SECRET: &[u8] = b"the shared secret of the re-sync test";
-const PAGE: usize = 4096;
+const PAGE: usize = rmc_staging::PAGE_BYTES;
 /// 1 MiB of guest memory: 256 pages.
 const MEM: u64 = 1 << 20;
 
@@ -52,7 +53,7 @@ const FENCE: u64 = 1;
 struct AcceptAll;
 
 impl FenceCheck for AcceptAll {
-    fn check_primary(&self, fence: u64) -> Result<(), String> {
+    fn check_primary(&self, fence: u64) -> Result<(), BoxError> {
         if fence == 0 {
             Err("no fencing token".into())
         } else {
@@ -149,15 +150,18 @@ fn connect(addr: SocketAddr, nonce: [u8; NONCE_LEN]) -> (Peer, Accepted) {
     }
 }
 
+/// What the hang guard of [`next`] stops a read with.
+#[derive(Debug, thiserror::Error)]
+#[error("nothing from the standby for {HANG_GUARD:?} (hang guard)")]
+struct HangGuard;
+
 /// The next message from the standby other than a heartbeat.
 fn next(p: &mut Peer) -> Message {
     loop {
         let m =
             p.r.next_message(&mut |last: Instant| {
                 if last.elapsed() > HANG_GUARD {
-                    Err(format!(
-                        "nothing from the standby for {HANG_GUARD:?} (hang guard)"
-                    ))
+                    Err(HangGuard.into())
                 } else {
                     Ok(())
                 }
@@ -356,7 +360,7 @@ fn a_new_sessions_sync_epochs_leave_the_checkpoint_intact_until_its_first_checkp
     loop {
         match p.r.next_message(&mut |_| Ok(())) {
             Ok(_) => {}
-            Err(LinkError::Aborted(why)) => panic!("{why}"),
+            Err(e @ LinkError::Aborted(_)) => panic!("{e}"),
             Err(_) => break,
         }
     }

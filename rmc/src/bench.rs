@@ -24,7 +24,12 @@ use rmc_mc::standby::{Standby, StandbyConfig};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 
+use rmc_guest_api::PAGE_SIZE;
+use rmc_transport::link::Transport;
 use rmc_vmm::{DirtierConfig, Vm, VmConfig, Workload};
+
+/// `PAGE_SIZE` as a `usize`, for buffer offsets.
+const PAGE: usize = PAGE_SIZE as usize;
 
 /// Version of the JSON document; bumped on any incompatible change.
 pub const SCHEMA: u32 = 2;
@@ -42,25 +47,6 @@ pub enum DirtySource {
     Host,
 }
 
-/// A transport to measure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// TCP.
-    Tcp,
-    /// RDMA (verbs + rdma_cm), to the first usable RDMA port's address.
-    Rdma,
-}
-
-impl std::fmt::Display for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Transport::Tcp => "tcp",
-            Transport::Rdma => "rdma",
-        })
-    }
-}
-
 /// Settings of a sweep.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -70,7 +56,8 @@ pub struct BenchConfig {
     pub dirty_pages: Vec<u64>,
     /// Epoch lengths in ms; 0 = each epoch ends as soon as N pages are dirty.
     pub epoch_ms: Vec<f64>,
-    /// Transports.
+    /// Transports: `Tcp` (loopback) and/or `Rdma` (to the first usable RDMA port's address);
+    /// `Auto` is refused (a measurement names what it measured).
     pub transports: Vec<Transport>,
     /// Guest vCPUs (each one a dirtier with N / vcpus pages).
     pub vcpus: Vec<u32>,
@@ -81,7 +68,7 @@ pub struct BenchConfig {
     /// A running `rmc standby` to use (address, shared secret) instead of one in this process.
     pub standby: Option<(std::net::SocketAddr, Vec<u8>)>,
     /// Heartbeats of the primary and the in-process standby.
-    pub heartbeat: rmc_mc::core::Heartbeat,
+    pub heartbeat: rmc_mc::protocol::Heartbeat,
 }
 
 /// Percentiles of one phase, microseconds.
@@ -131,7 +118,8 @@ pub const PHASES: [&str; 8] = [
 /// One configuration's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
-    /// Transport.
+    /// Transport (`"tcp"` or `"rdma"`).
+    #[serde(with = "crate::events::transport_serde")]
     pub transport: Transport,
     /// Guest vCPUs.
     pub vcpus: u32,
@@ -193,6 +181,10 @@ pub fn run(c: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> 
     let mut rows = Vec::new();
     let total = c.transports.len() * c.vcpus.len() * c.epoch_ms.len() * c.dirty_pages.len();
     // Refuse an unusable transport before booting anything.
+    anyhow::ensure!(
+        !c.transports.contains(&Transport::Auto),
+        "rmc bench measures tcp or rdma, not auto"
+    );
     if c.standby.is_none() {
         for &t in &c.transports {
             local_addr(t)?;
@@ -256,7 +248,7 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
         None => {
             let (mut sb, _) = Standby::bind_with(
                 local_addr(transport)?,
-                link_transport(transport),
+                transport,
                 StandbyConfig {
                     secret: SECRET.to_vec(),
                     memory_bytes: Some(c.mem_size),
@@ -274,8 +266,8 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
             (addr, SECRET.to_vec(), Some(h))
         }
     };
-    let mut pc = PrimaryConfig::new(addr, secret, c.mem_size / 4096);
-    pc.transport = link_transport(transport);
+    let mut pc = PrimaryConfig::new(addr, secret, c.mem_size / PAGE_SIZE);
+    pc.transport = transport;
     pc.heartbeat = c.heartbeat;
     pc.slot_pages = pc.slot_pages.max(2 * n as usize + 64);
     pc.max_dirty_pages = n as usize;
@@ -346,10 +338,11 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
     };
     // Between the same endpoints: this host to the standby's host (loopback when in-process;
     // the raw stream then goes to a sink on this host, the best the local stack can do).
-    let chunk = epoch_bytes.max(4096.0) as usize;
+    let chunk = epoch_bytes.max(PAGE_SIZE as f64) as usize;
     let raw_bytes_per_s = match transport {
-        Transport::Tcp => raw_tcp(chunk, Duration::from_millis(500))?,
         Transport::Rdma => raw_rdma(chunk, Duration::from_millis(500))?,
+        // (`run` refuses `Auto`.)
+        Transport::Tcp | Transport::Auto => raw_tcp(chunk, Duration::from_millis(500))?,
     };
     let phases: BTreeMap<String, Percentiles> = [
         ("stop", &stats.stop_us),
@@ -406,7 +399,7 @@ const FLOOR_WAIT: Duration = Duration::from_secs(120);
 /// `p % vcpus`, at page `p / vcpus` of it (`n` distinct pages).
 fn host_page(ws: &[u64], p: u64) -> u64 {
     let v = ws.len() as u64;
-    ws[(p % v) as usize] + (p / v) * 4096
+    ws[(p % v) as usize] + (p / v) * PAGE_SIZE
 }
 
 /// Harvest of N dirty pages on the paused `vm` (11 samples, microseconds). Each sample is
@@ -433,12 +426,12 @@ fn harvest_floor(
     let written: Vec<u64> = match source {
         DirtySource::Guest => ws
             .iter()
-            .flat_map(|&base| (0..per_vcpu).map(move |p| base + p * 4096))
+            .flat_map(|&base| (0..per_vcpu).map(move |p| base + p * PAGE_SIZE))
             .collect(),
         DirtySource::Host => (0..n).map(|p| host_page(ws, p)).collect(),
     };
     if !vm.is_paused() {
-        vm.pause();
+        vm.pause()?;
     }
     // Start from a clean log: each sample covers exactly the epoch that follows.
     vm.harvest_dirty()?;
@@ -472,7 +465,7 @@ fn harvest_floor(
                 }
             }
         }
-        vm.pause();
+        vm.pause()?;
         let t = Instant::now();
         let set = vm.harvest_dirty()?;
         samples.push(t.elapsed().as_secs_f64() * 1e6);
@@ -496,24 +489,24 @@ fn harvest_floor(
 /// memcpy of N scattered pages of the working sets into a packed buffer (median of 11).
 fn memcpy_floor(vm: &Vm, ws: &[u64], n: u64, vcpus: u32) -> Result<f64> {
     let per = n.div_ceil(u64::from(vcpus));
-    let mut src = vec![0u8; (per * u64::from(vcpus) * 4096) as usize];
+    let mut src = vec![0u8; (per * u64::from(vcpus) * PAGE_SIZE) as usize];
     for (i, &base) in ws.iter().enumerate() {
-        let off = i * (per * 4096) as usize;
+        let off = i * (per * PAGE_SIZE) as usize;
         vm.memory()
             .read_slice(
-                &mut src[off..off + (per * 4096) as usize],
+                &mut src[off..off + (per * PAGE_SIZE) as usize],
                 GuestAddress(base),
             )
             .context("reading the working set")?;
     }
-    let mut dst = vec![0u8; (n * 4096) as usize];
-    let pages = (src.len() / 4096).max(1);
+    let mut dst = vec![0u8; (n * PAGE_SIZE) as usize];
+    let pages = (src.len() / PAGE).max(1);
     let order: Vec<usize> = (0..n as usize).map(|i| (i * 7919) % pages).collect();
     let mut t = Vec::new();
     for _ in 0..11 {
         let start = Instant::now();
         for (k, &i) in order.iter().enumerate() {
-            dst[k * 4096..(k + 1) * 4096].copy_from_slice(&src[i * 4096..(i + 1) * 4096]);
+            dst[k * PAGE..(k + 1) * PAGE].copy_from_slice(&src[i * PAGE..(i + 1) * PAGE]);
         }
         std::hint::black_box(&dst);
         t.push(start.elapsed().as_secs_f64() * 1e6);
@@ -521,17 +514,11 @@ fn memcpy_floor(vm: &Vm, ws: &[u64], n: u64, vcpus: u32) -> Result<f64> {
     Ok(median(&mut t))
 }
 
-fn link_transport(t: Transport) -> rmc_transport::link::Transport {
-    match t {
-        Transport::Tcp => rmc_transport::link::Transport::Tcp,
-        Transport::Rdma => rmc_transport::link::Transport::Rdma,
-    }
-}
-
 /// Where the in-process standby listens: loopback for TCP, the first usable RDMA port's
 /// address for RDMA.
 fn local_addr(t: Transport) -> Result<std::net::SocketAddr> {
     Ok(match t {
+        Transport::Auto => anyhow::bail!("rmc bench measures tcp or rdma, not auto"),
         Transport::Tcp => "127.0.0.1:0".parse().expect("valid"),
         Transport::Rdma => std::net::SocketAddr::new(
             rmc_transport::link::first_rdma_ip().context(
@@ -548,7 +535,7 @@ fn local_addr(t: Transport) -> Result<std::net::SocketAddr> {
 pub fn raw_rdma(chunk: usize, d: Duration) -> Result<f64> {
     use rmc_transport::rdma;
     let layout = rmc_staging::SlotLayout {
-        slot_pages: chunk.div_ceil(4096).max(1),
+        slot_pages: chunk.div_ceil(PAGE).max(1),
         max_state: 0,
     };
     let listener = rdma::Listener::bind(local_addr(Transport::Rdma)?)?;
@@ -657,10 +644,7 @@ pub fn table(rows: &[Row], mem_size: u64) -> String {
         let p = &r.phases;
         s += &format!(
             "{:>4} {:>4} {:>6} {:>6} {:>8.0} {:>7.0} {:>7}us {:>7}us {:>7}us {:>7}us {:>6.0}us {:>5} {:>9} {:>8.0}%\n",
-            match r.transport {
-                Transport::Tcp => "tcp",
-                Transport::Rdma => "rdma",
-            },
+            r.transport.to_string(),
             r.vcpus,
             if r.epoch_ms > 0.0 { format!("{}ms", r.epoch_ms) } else { "count".into() },
             r.dirty_pages,

@@ -9,7 +9,11 @@ use rmc_vmm::guest::{STATUS_OK, STATUS_STALE};
 use rmc_vmm::service::Reply;
 
 /// A reply that contradicts an earlier one, or the service's rules.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+///
+/// Its JSON form (in [`crate::events::Event`]) is tagged by `"kind"`: `repeat_differs`,
+/// `not_rising`, `behind_seen`, `handed_out_twice`, `not_by_one`, `status`, `unexpected`.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Inconsistency {
     /// A repeat of a seq got a different answer.
     #[error(

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::checker::{CheckSummary, Checker, SharedChecker};
+use crate::checker::{CheckSummary, Checker, Inconsistency, SharedChecker};
+use crate::events::{Event, FailedOver};
+use rmc_transport::link::Transport;
 use rmc_vmm::service::{Client, Reply};
 
 /// Demo settings.
@@ -24,8 +26,8 @@ pub struct DemoConfig {
     pub memory: String,
     /// Keep the client going this long after the kill.
     pub after: Duration,
-    /// Transport between primary and standby ("tcp", "rdma" or "auto").
-    pub transport: String,
+    /// Transport between primary and standby.
+    pub transport: Transport,
     /// Address the standby listens on.
     pub standby_ip: std::net::IpAddr,
     /// Heartbeat options passed to both processes.
@@ -47,9 +49,38 @@ pub struct Trial {
     pub from_elsewhere: u64,
     /// From SIGKILL to the first reply any client received after it.
     pub failover: Duration,
-    /// The standby's own line about the failover.
-    pub standby_line: String,
+    /// What the standby said about the failover.
+    pub standby: FailedOver,
 }
+
+/// A trial whose clients saw a contradiction: the error [`run_trial`] returns then (inside
+/// an `anyhow::Error`; `downcast_ref` finds it).
+#[derive(Debug, Clone)]
+pub struct Inconsistent {
+    /// The first contradiction.
+    pub first: Inconsistency,
+    /// What the checker saw.
+    pub check: CheckSummary,
+    /// The standby's last lines.
+    pub standby_tail: String,
+}
+
+impl std::fmt::Display for Inconsistent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "INCONSISTENT: {} contradiction(s) among {} replies to {} client(s); the first: {}\n  \
+             the standby printed:\n    {}",
+            self.check.violations,
+            self.check.replies,
+            self.check.clients,
+            self.first,
+            self.standby_tail
+        )
+    }
+}
+
+impl std::error::Error for Inconsistent {}
 
 /// A child process killed when dropped.
 struct Proc(Child);
@@ -61,12 +92,26 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(
-    exe: &Path,
-    name: &'static str,
-    args: &[String],
-) -> Result<(Proc, mpsc::Receiver<String>)> {
+/// A line of a child's output: an event (stdout, `--json`) or any other line (its log on
+/// stderr, which joins the events so that a failed trial can show it).
+enum Line {
+    Event(Event),
+    Text(String),
+}
+
+impl std::fmt::Display for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Line::Event(e) => e.fmt(f),
+            Line::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+/// Starts `rmc --json ARGS`; its events and other lines come through the channel.
+fn spawn(exe: &Path, name: &'static str, args: &[String]) -> Result<(Proc, mpsc::Receiver<Line>)> {
     let mut child = Command::new(exe)
+        .arg("--json")
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -78,15 +123,16 @@ fn spawn(
     let tx2 = tx.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let line = Event::parse_line(&line).map_or(Line::Text(line), Line::Event);
             if tx.send(line).is_err() {
                 break;
             }
         }
     });
-    // Errors (the processes run with --log error) join stdout, so a failed trial can show them.
+    // Errors (the processes run with --log error) join the events.
     std::thread::spawn(move || {
         for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if tx2.send(line).is_err() {
+            if tx2.send(Line::Text(line)).is_err() {
                 break;
             }
         }
@@ -94,14 +140,25 @@ fn spawn(
     Ok((Proc(child), rx))
 }
 
-fn wait_for(rx: &mpsc::Receiver<String>, prefix: &str, who: &str) -> Result<String> {
+/// Waits (at most 20 s) for the first event of `who` that `pick` takes; `what` names it in
+/// the error.
+fn wait_for<T>(
+    rx: &mpsc::Receiver<Line>,
+    who: &str,
+    what: &str,
+    mut pick: impl FnMut(Event) -> Option<T>,
+) -> Result<T> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line.starts_with(prefix) => return Ok(line[prefix.len()..].to_string()),
-            Ok(_) => {}
-            Err(_) => bail!("{who} did not print `{prefix}` within 20 s"),
+            Ok(Line::Event(e)) => {
+                if let Some(t) = pick(e) {
+                    return Ok(t);
+                }
+            }
+            Ok(Line::Text(_)) => {}
+            Err(_) => bail!("{who} did not report {what} within 20 s"),
         }
     }
 }
@@ -149,7 +206,7 @@ fn trial(
             "--listen",
             &listen,
             "--transport",
-            &c.transport,
+            &c.transport.to_string(),
             "--secret-file",
             &secret_s,
             "--sessions",
@@ -164,11 +221,17 @@ fn trial(
         .chain(c.heartbeat.iter().cloned())
         .collect::<Vec<_>>(),
     )?;
-    // "<transport> <address> (<why>)"
-    let line = wait_for(&standby_out, "rmc: standby listening on ", "the standby")?;
-    let mut words = line.split_whitespace();
-    let transport = words.next().unwrap_or_default().to_string();
-    let standby_addr = words.next().unwrap_or_default().to_string();
+    let (transport, standby_addr) = wait_for(
+        &standby_out,
+        "the standby",
+        "where it listens",
+        |e| match e {
+            Event::StandbyListening {
+                transport, addr, ..
+            } => Some((transport, addr)),
+            _ => None,
+        },
+    )?;
     if verbose {
         say(&format!(
             "standby listening on {transport} {standby_addr}; on failover it takes over the primary's service address"
@@ -180,9 +243,9 @@ fn trial(
         &[
             "primary",
             "--standby",
-            &standby_addr,
+            &standby_addr.to_string(),
             "--transport",
-            &transport,
+            &transport.to_string(),
             "--secret-file",
             &secret_s,
             "--listen",
@@ -200,18 +263,20 @@ fn trial(
         .chain(c.primary_extra.iter().cloned())
         .collect::<Vec<_>>(),
     )?;
-    let service: SocketAddr = wait_for(
+    let service = wait_for(
         &primary_out,
-        "rmc: counter service listening on udp ",
         "the primary",
-    )?
-    .trim()
-    .parse()
-    .context("the primary's service address")?;
+        "its service address",
+        |e| match e {
+            Event::ServiceListening { addr } => Some(addr),
+            _ => None,
+        },
+    )?;
     wait_for(
         &primary_out,
-        "rmc: first checkpoint acknowledged",
         "the primary",
+        "its first acknowledged checkpoint",
+        |e| (e == Event::FirstCheckpointAcked).then_some(()),
     )?;
     if verbose {
         say(&format!(
@@ -253,20 +318,18 @@ fn trial(
             .collect::<Vec<_>>()
     });
     let standby_tail = || {
-        let lines: Vec<String> = standby_out.try_iter().collect();
+        let lines: Vec<String> = standby_out.try_iter().map(|l| l.to_string()).collect();
         lines[lines.len().saturating_sub(8)..].join("\n    ")
     };
     let checker = checker.lock();
     let check = checker.summary();
     if let Some(first) = checker.violations().first() {
-        bail!(
-            "INCONSISTENT: {} contradiction(s) among {} replies to {} client(s); the first: {first}\n  \
-             the standby printed:\n    {}",
-            check.violations,
-            check.replies,
-            check.clients,
-            standby_tail()
-        );
+        return Err(Inconsistent {
+            first: first.clone(),
+            check,
+            standby_tail: standby_tail(),
+        }
+        .into());
     }
     let mut late = 0;
     let mut from_elsewhere = 0;
@@ -284,13 +347,16 @@ fn trial(
         bail!("{} request(s) were never answered", check.unanswered);
     }
     let failover = failover.context("no client got a reply after the primary was killed")?;
-    let standby_line = wait_for(&standby_out, "rmc: failed over at epoch ", "the standby")?;
+    let standby = wait_for(&standby_out, "the standby", "its failover", |e| match e {
+        Event::FailedOver(f) => Some(f),
+        _ => None,
+    })?;
     Ok(Trial {
         check,
         late,
         from_elsewhere,
         failover,
-        standby_line: format!("failed over at epoch {standby_line}"),
+        standby,
     })
 }
 

@@ -364,11 +364,11 @@ impl rmc_mc::primary::Fencing for PrimaryFencing {
         self.revision as u64
     }
 
-    fn standby_current(&self, token: &str) -> Result<(), String> {
+    fn standby_current(&self, token: &str) -> Result<(), rmc_mc::BoxError> {
         match self.arbiter.mark_standby(self.revision, token) {
             Ok(true) => Ok(()),
             Ok(false) => Err("the arbiter names another primary now".into()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         }
     }
 }
@@ -389,7 +389,7 @@ impl StandbyFencing {
 }
 
 impl rmc_mc::standby::FenceCheck for StandbyFencing {
-    fn check_primary(&self, fence: u64) -> Result<(), String> {
+    fn check_primary(&self, fence: u64) -> Result<(), rmc_mc::BoxError> {
         if fence == 0 {
             return Err("the primary runs without an arbiter, this standby with one (give both the same --arbiter)".into());
         }
@@ -397,11 +397,13 @@ impl rmc_mc::standby::FenceCheck for StandbyFencing {
             Ok(Some((_, revision, _))) if revision as u64 == fence => Ok(()),
             Ok(Some((holder, revision, _))) => Err(format!(
                 "a stale primary: the arbiter names {holder} (fence {revision}), this primary presented fence {fence}"
-            )),
+            )
+            .into()),
             Ok(None) => Err(format!(
                 "the arbiter names no primary (this primary presented fence {fence}: its lease ran out)"
-            )),
-            Err(e) => Err(format!("cannot ask the arbiter: {e}")),
+            )
+            .into()),
+            Err(e) => Err(format!("cannot ask the arbiter: {e}").into()),
         }
     }
 }

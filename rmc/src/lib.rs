@@ -6,7 +6,9 @@
 //! - [`restore`]: the standby's check that a checkpoint can become this VMM's VM;
 //! - [`checker`]: the counter service's consistency checker (what judges a failover);
 //! - [`demo`]: `rmc demo`, primary + standby + checking clients, the primary SIGKILLed;
-//! - [`bench`]: `rmc bench`, checkpoint latency and throughput on this machine.
+//! - [`bench`]: `rmc bench`, checkpoint latency and throughput on this machine;
+//! - [`events`]: the lines `rmc` prints for programs to read (human or `--json`), and their
+//!   parser.
 //!
 //! Dependency arrows point one way: this crate uses `rmc-mc` (which uses `rmc-transport`) and
 //! `rmc-vmm`; both of those use only `rmc-guest-api` to meet (see docs/ARCHITECTURE.md).
@@ -14,5 +16,6 @@
 pub mod bench;
 pub mod checker;
 pub mod demo;
+pub mod events;
 pub mod fencing;
 pub mod restore;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use rmc::checker::Checker;
+use rmc::events::{emit, Backup, Event, FailedOver, LossAction, TakeoverRefusal};
 use rmc::fencing;
+use rmc_guest_api::PAGE_SIZE;
 use rmc_transport::link::Transport;
 use rmc_vmm::service::Client;
 use rmc_vmm::{DirtierConfig, Vm, VmConfig, Workload};
@@ -23,6 +25,11 @@ struct Cli {
     /// `RUST_LOG` overrides it.
     #[arg(long, global = true, default_value = "info")]
     log: String,
+    /// Print events (what programs read: addresses, sessions, failovers, results) as JSON
+    /// lines tagged by `"event"` instead of human lines (docs/events.md). `rmc bench`: print
+    /// its JSON document (docs/bench-json.md) instead of the tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -250,8 +257,8 @@ struct BenchArgs {
     epoch_ms: Vec<f64>,
     /// Transports, comma separated: `tcp` (loopback) and/or `rdma` (to the first usable RDMA
     /// port's address; see `rmc devices`).
-    #[arg(long, value_delimiter = ',', default_value = "tcp")]
-    transport: Vec<TransportArg>,
+    #[arg(long, value_delimiter = ',', default_value = "tcp", value_parser = measured_transport())]
+    transport: Vec<Transport>,
     /// Guest vCPU counts, comma separated; each vCPU dirties N / vcpus pages.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     vcpus: Vec<u32>,
@@ -263,9 +270,6 @@ struct BenchArgs {
     /// to measure the pipeline itself; its checkpoints are not consistent images).
     #[arg(long, default_value = "guest")]
     dirty_source: DirtySourceArg,
-    /// Print JSON (schema in docs/bench-json.md) instead of the tables.
-    #[arg(long)]
-    json: bool,
     /// Also write an SVG plot of pause and end-to-end latency against dirty pages.
     #[arg(long)]
     svg: Option<std::path::PathBuf>,
@@ -281,12 +285,11 @@ struct BenchArgs {
     heartbeat: HeartbeatArgs,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
-enum TransportArg {
-    /// TCP.
-    Tcp,
-    /// RDMA.
-    Rdma,
+/// `rmc bench --transport`: a transport it can measure (`tcp`, `rdma`; not `auto`).
+fn measured_transport() -> impl clap::builder::TypedValueParser<Value = Transport> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["tcp", "rdma"])
+        .map(|s| s.parse::<Transport>().expect("tcp and rdma are transports"))
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -330,7 +333,9 @@ impl ArbiterArgs {
     fn warn_if_none(&self) {
         if self.arbiter.is_none() {
             eprintln!(
-                "rmc: warning: no --arbiter: if the primary and the standby lose sight of each                  other while both run (a cut link, a frozen host), both can serve the VM: two                  primaries. Fence them with --arbiter etcd://HOST:PORT/PREFIX"
+                "rmc: warning: no --arbiter: if the primary and the standby lose sight of each \
+                 other while both run (a cut link, a frozen host), both can serve the VM: two \
+                 primaries. Fence them with --arbiter etcd://HOST:PORT/PREFIX"
             );
         }
     }
@@ -355,9 +360,9 @@ struct HeartbeatArgs {
 }
 
 impl HeartbeatArgs {
-    fn get(&self) -> rmc_mc::core::Heartbeat {
+    fn get(&self) -> rmc_mc::protocol::Heartbeat {
         let interval = Duration::from_millis(self.heartbeat_ms.max(1));
-        rmc_mc::core::Heartbeat {
+        rmc_mc::protocol::Heartbeat {
             interval,
             timeout: interval * self.heartbeat_misses.max(1),
         }
@@ -450,8 +455,8 @@ struct ClientArgs {
 /// that does not hold our secret, speaks another protocol version or refused this primary
 /// for what it is (its layout, memory, state version) rather than for being busy.
 fn retry_makes_sense(e: &rmc_mc::primary::PrimaryError) -> bool {
-    use rmc_mc::core::ProtocolError;
     use rmc_mc::primary::PrimaryError;
+    use rmc_mc::protocol::ProtocolError;
     match e {
         PrimaryError::Protocol(
             ProtocolError::AuthFailed { .. } | ProtocolError::Version { .. },
@@ -505,12 +510,13 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    rmc::events::set_json(cli.json);
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Primary(a) => primary(a),
         Command::Standby(a) => standby(a),
         Command::Client(a) => client(a),
-        Command::Bench(a) => bench(a),
+        Command::Bench(a) => bench(a, cli.json),
         Command::Demo(a) => demo(a),
         Command::Devices(a) => devices(a),
     };
@@ -552,22 +558,21 @@ fn start_vm(a: &VmArgs) -> Result<(Vm, Vec<Workload>)> {
     let vm = Vm::new(&config).context("Cannot start the VM")?;
     vm.resume();
     let addr = vm.nic_addr().expect("the NIC has a socket");
-    println!(
-        "rmc: VM running: {} MiB, {} vCPU(s) [{}]",
-        a.memory >> 20,
+    emit(&Event::VmRunning {
+        memory_mib: a.memory >> 20,
         vcpus,
-        workloads
+        workloads: workloads
             .iter()
             .map(|w| match w {
                 Workload::Counter => "counter",
                 Workload::Dirtier(_) => "dirtier",
                 Workload::Idle => "idle",
             })
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+            .map(String::from)
+            .collect(),
+    });
     if workloads.contains(&Workload::Counter) {
-        println!("rmc: counter service listening on udp {addr}");
+        emit(&Event::ServiceListening { addr });
     }
     Ok((vm, workloads))
 }
@@ -619,16 +624,15 @@ fn run(a: RunArgs) -> Result<ExitCode> {
             break;
         }
     }
-    vm.pause();
+    vm.pause().context("Cannot stop the VM")?;
     let s = vm.guest_status();
-    println!(
-        "rmc: VM stopped after {:.1} s: counter {}, {} requests, {} repeats, {} malformed",
-        start.elapsed().as_secs_f64(),
-        s.counter,
-        s.requests,
-        s.repeats,
-        s.bad
-    );
+    emit(&Event::VmStopped {
+        seconds: start.elapsed().as_secs_f64(),
+        counter: s.counter,
+        requests: s.requests,
+        repeats: s.repeats,
+        malformed: s.bad,
+    });
     Ok(ExitCode::SUCCESS)
 }
 
@@ -646,17 +650,17 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
                 &fencing::identity("primary"),
                 ttl * 2 + Duration::from_secs(1),
             )?;
-            println!(
-                "rmc: the arbiter at {ep} names this host the VM's primary (fence {})",
-                f.revision()
-            );
+            emit(&Event::ArbiterNamedPrimary {
+                arbiter: ep.to_string(),
+                fence: f.revision(),
+            });
             f.exit_when_lost();
             Some(f)
         }
         None => None,
     };
     let (vm, _) = start_vm(&a.vm)?;
-    let mut config = PrimaryConfig::new(a.standby, secret, a.vm.memory / 4096);
+    let mut config = PrimaryConfig::new(a.standby, secret, a.vm.memory / PAGE_SIZE);
     if let Some(f) = &fence {
         let gate = f.gate();
         vm.set_send_gate(rmc_vmm::nic::SendGate::new(move || gate.is_valid()));
@@ -737,11 +741,10 @@ fn protect(
                             standby
                         )));
                     }
-                    eprintln!(
-                        "rmc: cannot start protection with the standby at {} yet: {}; retrying every second",
+                    emit(&Event::ProtectionRetry {
                         standby,
-                        rmc_mc::standby::error_chain(&e)
-                    );
+                        error: rmc_mc::standby::error_chain(&e),
+                    });
                 } else {
                     tracing::debug!("standby at {} not back yet: {e}", standby);
                 }
@@ -759,17 +762,11 @@ fn protect(
             vm.resume();
             paused = false;
         }
-        println!(
-            "rmc: protected by the standby at {} over {}{}",
+        emit(&Event::Protected {
             standby,
-            primary.transport(),
-            if primary.resumed() {
-                " (resumed: it still holds a checkpoint of the last session, only what changed \
-                 since is sent)"
-            } else {
-                ""
-            }
-        );
+            transport: primary.transport(),
+            resumed: primary.resumed(),
+        });
         // Tell when the standby first holds a consistent checkpoint (it can fail over from then
         // on; before, it only has the full sync). `rmc demo` waits for this line.
         let acked = primary.acked_counter();
@@ -779,9 +776,7 @@ fn protect(
             std::thread::spawn(move || {
                 while !over.load(std::sync::atomic::Ordering::Acquire) {
                     if acked.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-                        println!(
-                            "rmc: first checkpoint acknowledged: failover possible from now on"
-                        );
+                        emit(&Event::FirstCheckpointAcked);
                         return;
                     }
                     std::thread::sleep(Duration::from_millis(5));
@@ -794,32 +789,31 @@ fn protect(
         match result {
             Ok(stats) => {
                 if let Some(o) = vm.output_stats() {
-                    println!(
-                        "rmc: output commit: {} packets ({} bytes) released after their checkpoint's ack, \
-                         {} held at the end, {} backpressure events",
-                        o.released_packets, o.released_bytes, o.held_packets, o.refused
-                    );
+                    emit(&Event::OutputCommit {
+                        released_packets: o.released_packets,
+                        released_bytes: o.released_bytes,
+                        held_packets: o.held_packets as u64,
+                        backpressure_events: o.refused,
+                    });
                 }
                 vm.disable_output_commit();
                 if let Some(f) = fence.take() {
                     f.resign();
                 }
-                println!(
-                    "rmc: {} checkpoints acknowledged (last epoch {}) in {:.1} s; full sync {} pages in {:.2} s; \
-                     first pause {} us; pause p50 {} us p99 {} us; pages/epoch mean {:.0}; ack p50 {} us p99 {} us; {} oversize",
-                    stats.checkpoints_acked,
-                    stats.last_acked,
-                    stats.protected_time.as_secs_f64(),
-                    stats.sync_pages,
-                    stats.sync_time.as_secs_f64(),
-                    stats.first_pause.map_or(0, |d| d.as_micros()),
-                    stats.pause_us.value_at_quantile(0.5),
-                    stats.pause_us.value_at_quantile(0.99),
-                    stats.pages.mean(),
-                    stats.ack_us.value_at_quantile(0.5),
-                    stats.ack_us.value_at_quantile(0.99),
-                    stats.oversize
-                );
+                emit(&Event::ProtectionEnded {
+                    checkpoints_acked: stats.checkpoints_acked,
+                    last_epoch: stats.last_acked,
+                    seconds: stats.protected_time.as_secs_f64(),
+                    sync_pages: stats.sync_pages,
+                    sync_seconds: stats.sync_time.as_secs_f64(),
+                    first_pause_us: stats.first_pause.map_or(0, |d| d.as_micros() as u64),
+                    pause_p50_us: stats.pause_us.value_at_quantile(0.5),
+                    pause_p99_us: stats.pause_us.value_at_quantile(0.99),
+                    pages_per_epoch: stats.pages.mean(),
+                    ack_p50_us: stats.ack_us.value_at_quantile(0.5),
+                    ack_p99_us: stats.ack_us.value_at_quantile(0.99),
+                    oversize: stats.oversize,
+                });
                 return Ok(ExitCode::SUCCESS);
             }
             Err(e) => {
@@ -827,33 +821,34 @@ fn protect(
                     // The guest stops and nothing it sent leaves: the standby's checkpoint
                     // stays current (an arbiter still names it), and what is held leaves with
                     // the next session's first checkpoint.
-                    vm.pause();
+                    // (A VM that does not pause exits here, its output still held.)
+                    vm.pause()
+                        .context("Cannot pause the VM after losing its standby")?;
                     paused = true;
-                    eprintln!(
-                        "rmc: lost the standby: {}; VM paused with its output held, reconnecting \
-                         to {standby} every second",
-                        rmc_mc::standby::error_chain(&e),
-                    );
+                    emit(&Event::StandbyLost {
+                        standby,
+                        error: rmc_mc::standby::error_chain(&e),
+                        action: LossAction::Pause,
+                    });
                 } else {
                     // The guest's state is the only copy now: its held output may leave, once
                     // the arbiter no longer lets the standby take over from its older
                     // checkpoint.
                     if let Some(f) = &fence {
                         if let Err(why) = f.forget_standby() {
-                            eprintln!(
-                                "rmc: FENCED: lost the standby ({}) and {why}: stopping this VM \
-                                 for good; its held output never left",
-                                rmc_mc::standby::error_chain(&e)
-                            );
+                            emit(&Event::Fenced {
+                                error: rmc_mc::standby::error_chain(&e),
+                                why: why.to_string(),
+                            });
                             return Ok(ExitCode::from(3));
                         }
                     }
                     vm.disable_output_commit();
-                    eprintln!(
-                        "rmc: lost the standby: {}; running unprotected, reconnecting to \
-                         {standby} every second",
-                        rmc_mc::standby::error_chain(&e),
-                    );
+                    emit(&Event::StandbyLost {
+                        standby,
+                        error: rmc_mc::standby::error_chain(&e),
+                        action: LossAction::Continue,
+                    });
                 }
                 std::thread::sleep(Duration::from_secs(1));
             }
@@ -888,21 +883,20 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
     a.arbiter.warn_if_none();
     let (mut sb, why) = Standby::bind_with(a.listen, a.transport, config)
         .with_context(|| format!("Cannot listen on {} ({})", a.listen, a.transport))?;
-    println!(
-        "rmc: standby listening on {} {} ({why})",
-        sb.transport(),
-        sb.local_addr()
-    );
+    emit(&Event::StandbyListening {
+        transport: sb.transport(),
+        addr: sb.local_addr(),
+        why,
+    });
     // Connections that never became a session (failed or slow handshakes, a standby busy with
     // another primary) are reported as they happen; they never touch the backup.
     if let Some(refusals) = sb.refusals() {
         std::thread::spawn(move || {
             for r in refusals {
-                println!(
-                    "rmc: refused a connection from {}: {}",
-                    r.peer,
-                    error_chain(&r.error)
-                );
+                emit(&Event::Refused {
+                    peer: r.peer,
+                    error: error_chain(&r.error),
+                });
             }
         });
     }
@@ -944,32 +938,35 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
                     }
                     Err(why) => {
                         stale = matches!(why, fencing::NoTakeover::StaleBackup(_));
-                        println!("rmc: not taking over: {why}; waiting for a primary")
+                        emit(&Event::NotTakingOver {
+                            reason: match why {
+                                fencing::NoTakeover::PrimaryAlive(_) => {
+                                    TakeoverRefusal::PrimaryAlive
+                                }
+                                fencing::NoTakeover::OtherPrimary(_) => {
+                                    TakeoverRefusal::OtherPrimary
+                                }
+                                fencing::NoTakeover::StaleBackup(_) => TakeoverRefusal::StaleBackup,
+                                fencing::NoTakeover::Unreachable(_) => TakeoverRefusal::Unreachable,
+                            },
+                            why: why.to_string(),
+                        })
                     }
                 }
             }
         }
         let backup = sb.backup();
-        println!(
-            "rmc: session with {} ended after {} epochs: {}; backup: {}",
-            s.peer,
-            s.epochs,
-            match &s.result {
-                Ok(()) => "closed by the primary".to_string(),
-                Err(e) => format!("error: {}", error_chain(e)),
+        emit(&Event::SessionEnded {
+            peer: s.peer,
+            epochs: s.epochs,
+            error: s.result.as_ref().err().map(|e| error_chain(e)),
+            backup: match backup.map(|b| (b.checkpoint, b.armed)) {
+                Some((Some(epoch), _)) if stale => Backup::Stale { epoch },
+                Some((Some(epoch), true)) => Backup::Consistent { epoch },
+                Some((Some(epoch), false)) => Backup::Released { epoch },
+                _ => Backup::NoCheckpoint,
             },
-            match backup.map(|b| (b.checkpoint, b.armed)) {
-                Some((Some(e), _)) if stale => format!(
-                    "consistent checkpoint of epoch {e}, stale (the primary ran on past it)"
-                ),
-                Some((Some(e), true)) => format!("consistent checkpoint of epoch {e}"),
-                Some((Some(e), false)) => format!(
-                    "consistent checkpoint of epoch {e}, released (no failover to it until a \
-                     primary protects again)"
-                ),
-                _ => "no consistent checkpoint".to_string(),
-            }
-        );
+        });
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -993,7 +990,7 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     let c = rmc::demo::DemoConfig {
         memory: a.memory,
         after: Duration::from_secs_f64(a.after.max(0.2)),
-        transport: a.transport.to_string(),
+        transport: a.transport,
         heartbeat: vec![
             "--heartbeat-ms".into(),
             a.heartbeat.heartbeat_ms.to_string(),
@@ -1020,7 +1017,7 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     let trials = a.trials.max(1);
     let base = Duration::from_secs_f64(a.kill_after.max(0.1));
     let exe = rmc::demo::current_exe()?;
-    println!("rmc demo: {trials} trial(s)");
+    emit(&Event::DemoStarted { trials });
     let mut times = Vec::new();
     let start = Instant::now();
     // Kill moments: the first at --kill-after, the others spread over [0.5, 1.5) of it in a
@@ -1035,49 +1032,56 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
         } else {
             base.mul_f64(0.5 + (seed + f64::from(i) * 0.618_034).fract())
         };
-        let t = match rmc::demo::run_trial(&exe, &c, kill_after, i, &mut |m| println!("  {m}")) {
+        let mut say = |m: &str| {
+            emit(&Event::DemoStory {
+                text: m.to_string(),
+            })
+        };
+        let t = match rmc::demo::run_trial(&exe, &c, kill_after, i, &mut say) {
             Ok(t) => t,
             Err(e) => {
-                println!("rmc demo: trial {} FAILED: {e:#}", i + 1);
+                emit(&Event::DemoTrialFailed {
+                    trial: i + 1,
+                    error: format!("{e:#}"),
+                    inconsistency: e
+                        .downcast_ref::<rmc::demo::Inconsistent>()
+                        .map(|i| i.first.clone()),
+                });
                 return Ok(ExitCode::FAILURE);
             }
         };
-        println!(
-            "trial {:>2}: killed the primary after {:.2} s; {} client(s), {} requests, {} replies \
-             ({} late, {} from other addresses), {} needed a resend ({} resends); \
-             failover (kill to first reply) {} ms; consistent",
-            i + 1,
-            kill_after.as_secs_f64(),
-            t.check.clients,
-            t.check.requests,
-            t.check.replies,
-            t.late,
-            t.from_elsewhere,
-            t.check.needed_resend,
-            t.check.resends,
-            t.failover.as_millis()
-        );
+        emit(&Event::DemoTrial {
+            trial: i + 1,
+            kill_after_s: kill_after.as_secs_f64(),
+            clients: t.check.clients,
+            requests: t.check.requests,
+            replies: t.check.replies,
+            late: t.late,
+            from_elsewhere: t.from_elsewhere,
+            needed_resend: t.check.needed_resend,
+            resends: t.check.resends,
+            failover_ms: t.failover.as_millis() as u64,
+        });
         if i == 0 {
-            println!("  standby: {}", t.standby_line);
+            emit(&Event::DemoStandby(t.standby));
         }
         times.push(t.failover.as_secs_f64() * 1000.0);
     }
     times.sort_by(f64::total_cmp);
     let q = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
-    println!(
-        "rmc demo: {} trial(s) in {:.0} s, all consistent; failover time ms: min {:.0} p50 {:.0} p90 {:.0} max {:.0}",
-        times.len(),
-        start.elapsed().as_secs_f64(),
-        q(0.0),
-        q(0.5),
-        q(0.9),
-        q(1.0)
-    );
+    emit(&Event::DemoSummary {
+        trials: times.len(),
+        seconds: start.elapsed().as_secs_f64(),
+        min_ms: q(0.0),
+        p50_ms: q(0.5),
+        p90_ms: q(0.9),
+        max_ms: q(1.0),
+    });
     Ok(ExitCode::SUCCESS)
 }
 
-fn bench(a: BenchArgs) -> Result<ExitCode> {
-    use rmc::bench::{self, DirtySource, Transport};
+fn bench(a: BenchArgs, json: bool) -> Result<ExitCode> {
+    use rmc::bench::{self, DirtySource};
     let c = bench::BenchConfig {
         source: match a.dirty_source {
             DirtySourceArg::Guest => DirtySource::Guest,
@@ -1086,14 +1090,7 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         mem_size: a.memory,
         dirty_pages: a.dirty_pages,
         epoch_ms: a.epoch_ms,
-        transports: a
-            .transport
-            .iter()
-            .map(|t| match t {
-                TransportArg::Tcp => Transport::Tcp,
-                TransportArg::Rdma => Transport::Rdma,
-            })
-            .collect(),
+        transports: a.transport,
         vcpus: a.vcpus,
         seconds: a.seconds,
         heartbeat: a.heartbeat.get(),
@@ -1113,7 +1110,7 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         bench::svg(&rows, path).with_context(|| format!("Cannot write {}", path.display()))?;
         eprintln!("rmc bench: plot written to {}", path.display());
     }
-    if a.json {
+    if json {
         println!(
             "{}",
             serde_json::json!({ "schema": bench::SCHEMA, "memory_bytes": a.memory, "rows": rows })
@@ -1140,12 +1137,12 @@ fn failover(
     let state = rmc_vmm::VmState::decode(&backup.state).context("The backup's state blob")?;
     let service = match service {
         ServiceAddr::Fixed(a) => a,
-        ServiceAddr::Primary => state.nic.host_addr.context(
+        ServiceAddr::Primary => state.devices.nic.host_addr.context(
             "Failover: --service-addr primary, but the primary's checkpoint records no service address",
         )?,
     };
     let config = VmConfig {
-        mem_size: backup.layout.total_pages() * 4096,
+        mem_size: backup.layout.total_pages() * PAGE_SIZE,
         // Restoring ignores the workloads: the vCPUs continue from their saved state.
         workloads: vec![Workload::Idle; backup.layout.vcpus as usize],
         nic_addr: Some(service),
@@ -1187,13 +1184,18 @@ fn failover(
         f.exit_when_lost();
     }
     vm.resume();
-    println!(
-        "rmc: failed over at epoch {epoch}: primary lost ({}), detected {} ms after its last message, \
-         VM resumed {} ms later, serving on udp {service}",
-        session.result.as_ref().err().map(|e| rmc_mc::standby::error_chain(e)).unwrap_or_default(),
-        session.detection_time().as_millis(),
-        session.ended.elapsed().as_millis(),
-    );
+    emit(&Event::FailedOver(FailedOver {
+        epoch,
+        cause: session
+            .result
+            .as_ref()
+            .err()
+            .map(|e| rmc_mc::standby::error_chain(e))
+            .unwrap_or_default(),
+        detected_ms: session.detection_time().as_millis() as u64,
+        resumed_ms: session.ended.elapsed().as_millis() as u64,
+        service,
+    }));
     if let Some(mut config) = next {
         // The chain goes on: this VM is the primary now, protected by the next standby.
         config = rmc_mc::primary::PrimaryConfig {
@@ -1206,10 +1208,9 @@ fn failover(
             )
             .with_link(config.transport, config.heartbeat)
         };
-        println!(
-            "rmc: protecting the failed-over VM with the standby at {}",
-            config.standby
-        );
+        emit(&Event::ProtectingFailedOver {
+            standby: config.standby,
+        });
         let how = Protection {
             limits: rmc_netbuf::Limits::default(),
             on_standby_loss: StandbyLoss::Continue,
@@ -1225,10 +1226,10 @@ fn failover(
         }
         if until.is_some_and(|u| Instant::now() >= u) {
             let s = vm.guest_status();
-            println!(
-                "rmc: failed-over VM stopped: counter {}, {} requests",
-                s.counter, s.requests
-            );
+            emit(&Event::FailedOverVmStopped {
+                counter: s.counter,
+                requests: s.requests,
+            });
             return Ok(ExitCode::SUCCESS);
         }
     }
@@ -1254,10 +1255,15 @@ fn client(a: ClientArgs) -> Result<ExitCode> {
     let mut checker = Checker::new(a.exclusive);
     let mut latencies = Vec::with_capacity(a.requests as usize);
     let start = Instant::now();
-    println!("rmc client {client_id:#x} -> {}", a.server);
+    emit(&Event::ClientStarted {
+        client_id,
+        server: a.server,
+    });
     let inconsistent = |checker: &Checker| -> Option<ExitCode> {
         let first = checker.violations().first()?;
-        eprintln!("rmc client: INCONSISTENT: {first}");
+        emit(&Event::ClientInconsistent {
+            violation: first.clone(),
+        });
         Some(ExitCode::FAILURE)
     };
     for i in 1..=a.requests {
@@ -1273,10 +1279,11 @@ fn client(a: ClientArgs) -> Result<ExitCode> {
         checker.resent(client_id, seq, resent);
         last_counter = Some(r.counter);
         if !a.quiet {
-            println!(
-                "seq {} -> counter {} (status {})",
-                r.seq, r.counter, r.status
-            );
+            emit(&Event::ClientReply {
+                seq: r.seq,
+                counter: r.counter,
+                status: r.status,
+            });
         }
         if a.repeat_every > 0 && i % a.repeat_every == 0 {
             let (again, resent) = c.repeat(r.seq, deadline, |r| {
@@ -1284,7 +1291,10 @@ fn client(a: ClientArgs) -> Result<ExitCode> {
             })?;
             checker.resent(client_id, seq, resent);
             if !a.quiet {
-                println!("seq {} again -> counter {}", again.seq, again.counter);
+                emit(&Event::ClientRepeat {
+                    seq: again.seq,
+                    counter: again.counter,
+                });
             }
         }
         if a.check {
@@ -1313,20 +1323,19 @@ fn client(a: ClientArgs) -> Result<ExitCode> {
             .get(((latencies.len().max(1) - 1) as f64 * p).round() as usize)
             .map_or(0, |d| d.as_micros())
     };
-    println!(
-        "rmc client: {} requests, {} replies ({late} late, {} from other addresses), {} needed a \
-         resend, {} resends/repeats in {:.2} s, latency p50 {} us p99 {} us, last counter {}{}",
-        a.requests,
-        s.replies,
-        c.from_elsewhere(),
-        s.needed_resend,
-        s.resends + a.requests.checked_div(a.repeat_every).unwrap_or(0),
-        start.elapsed().as_secs_f64(),
-        pct(0.5),
-        pct(0.99),
-        last_counter.map_or("-".to_string(), |c| c.to_string()),
-        if a.check { ", consistent" } else { "" }
-    );
+    emit(&Event::ClientSummary {
+        requests: a.requests,
+        replies: s.replies,
+        late,
+        from_elsewhere: c.from_elsewhere(),
+        needed_resend: s.needed_resend,
+        resends_and_repeats: s.resends + a.requests.checked_div(a.repeat_every).unwrap_or(0),
+        seconds: start.elapsed().as_secs_f64(),
+        latency_p50_us: pct(0.5) as u64,
+        latency_p99_us: pct(0.99) as u64,
+        last_counter,
+        consistent: a.check,
+    });
     Ok(ExitCode::SUCCESS)
 }
 

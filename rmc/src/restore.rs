@@ -13,12 +13,18 @@ impl rmc_mc::standby::RestoreCheck for VmRestoreCheck {
         rmc_vmm::state::VERSION
     }
 
-    fn check_layout(&self, layout: &Layout) -> Result<(), String> {
-        rmc_vmm::RestoreCheck::check_guest(layout.vcpus, &layout.regions).map_err(|e| e.to_string())
+    fn check_layout(&self, layout: &Layout) -> Result<(), rmc_mc::BoxError> {
+        Ok(rmc_vmm::RestoreCheck::check_guest(
+            layout.vcpus,
+            &layout.regions,
+        )?)
     }
 
-    fn check_state(&self, state: &[u8], layout: &Layout) -> Result<(), String> {
-        rmc_vmm::RestoreCheck::check_state(state, layout.vcpus, &layout.regions)
-            .map_err(|e| e.to_string())
+    fn check_state(&self, state: &[u8], layout: &Layout) -> Result<(), rmc_mc::BoxError> {
+        Ok(rmc_vmm::RestoreCheck::check_state(
+            state,
+            layout.vcpus,
+            &layout.regions,
+        )?)
     }
 }

@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use common::{init_logs, kvm_available};
 use rmc::restore::VmRestoreCheck;
-use rmc_mc::core::Heartbeat;
 use rmc_mc::primary::{Primary, PrimaryConfig};
+use rmc_mc::protocol::Heartbeat;
 use rmc_mc::standby::{Standby, StandbyConfig};
+use rmc_mc::PAGE_SIZE;
 use rmc_vmm::{DirtierConfig, Vm, VmConfig, Workload};
 
 const SECRET: &[u8] = b"liveness under load test secret";
@@ -69,7 +70,7 @@ fn a_multi_gib_full_sync_with_every_core_busy_is_no_loss() {
     })
     .unwrap();
     vm.resume();
-    let mut config = PrimaryConfig::new(addr, SECRET.to_vec(), MEM / 4096);
+    let mut config = PrimaryConfig::new(addr, SECRET.to_vec(), MEM / PAGE_SIZE);
     assert_eq!(config.heartbeat, Heartbeat::default());
     config.protect_for = Some(Duration::from_secs(3));
     let stop = AtomicBool::new(false);
@@ -85,7 +86,10 @@ fn a_multi_gib_full_sync_with_every_core_busy_is_no_loss() {
         stats.sync_time.as_secs_f64(),
         stats.checkpoints_acked
     );
-    assert!(stats.sync_pages >= MEM / 4096, "the whole guest was synced");
+    assert!(
+        stats.sync_pages >= MEM / PAGE_SIZE,
+        "the whole guest was synced"
+    );
     assert!(stats.checkpoints_acked >= 1);
     let session = standby.join().unwrap().unwrap();
     session

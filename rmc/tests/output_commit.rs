@@ -18,12 +18,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{init_logs, kvm_available, wait_for};
-use rmc_mc::core::{
+use rmc_mc::primary::{Primary, PrimaryConfig, PrimaryError, PrimaryStats};
+use rmc_mc::protocol::{
     msg_type, refusal, Heartbeat, LayoutRule, ProtocolError, StandbyAction, StandbyCore,
 };
-use rmc_mc::primary::{Primary, PrimaryConfig, PrimaryError, PrimaryStats};
 use rmc_mc::standby::{error_chain, Standby, StandbyConfig};
-use rmc_transport::framing::{FrameReader, FrameWriter, LinkError};
+use rmc_mc::PAGE_SIZE;
+use rmc_transport::framing::{Abort, FrameReader, FrameWriter, LinkError};
 use rmc_transport::wire::{self, auth, EpochKind, Layout, Message, MsgType, MAX_STATE_LEN};
 use rmc_vmm::guest::STATUS_OK;
 use rmc_vmm::service::{Reply, Request};
@@ -145,8 +146,22 @@ impl ScriptedStandby {
     }
 }
 
-/// The idle callback's reason to stop reading when the test asked to close.
-const CLOSING: &str = "closing on the test's request";
+/// Why the scripted standby's idle callback stops a read.
+#[derive(Debug, thiserror::Error)]
+enum Stop {
+    /// The test asked to close.
+    #[error("closing on the test's request")]
+    Closing,
+    /// The hang guard.
+    #[error("the session outlived its {SESSION_LIMIT:?} limit")]
+    Outlived,
+    /// Sending a due ack or a heartbeat failed.
+    #[error("{0}")]
+    Send(String),
+    /// The core gave up on the primary (its heartbeat timeout).
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
 
 /// One session of the scripted standby: accept one primary, serve it until it says goodbye,
 /// until the test sets `close`, or until anything goes wrong (returned as the error).
@@ -193,7 +208,7 @@ fn serve_scripted(
         deadline,
     };
     let ended = |e: LinkError| match e {
-        LinkError::Aborted(why) if why == CLOSING => close_session(&stream),
+        e if matches!(e.aborted_by::<Stop>(), Some(Stop::Closing)) => close_session(&stream),
         e => Err(format!("reading from the primary: {}", error_chain(&e))),
     };
     let mut body = Vec::new();
@@ -224,7 +239,7 @@ fn serve_scripted(
                             error_chain(&e)
                         )
                     })?;
-                    Some(state.nic.stats.tx_frames)
+                    Some(state.devices.nic.stats.tx_frames)
                 }
             };
             s.flush()?;
@@ -267,6 +282,10 @@ fn serve_scripted(
                 return Ok(SessionEnd::Goodbye);
             }
             Ok(StandbyAction::None | StandbyAction::ExpectBody { .. }) => {}
+            Ok(StandbyAction::BodyPlaced { .. }) => {
+                // The core refuses placements on a connection that sent no RegionKey.
+                return Err("an RDMA placement on a TCP connection was accepted".into());
+            }
         }
         s.flush()?;
     }
@@ -293,19 +312,19 @@ impl Scripted<'_> {
 
     /// While a read waits: stop if asked to, send due acks and heartbeats, and give up on a
     /// silent primary (heartbeat timeout) or a session past its hang guard.
-    fn idle(&mut self, last_data: Instant) -> Result<(), String> {
+    fn idle(&mut self, last_data: Instant) -> Result<(), Abort> {
         self.core.heard(last_data);
         if self.close.load(Ordering::Acquire) {
-            return Err(CLOSING.to_string());
+            return Err(Stop::Closing.into());
         }
         if Instant::now() > self.deadline {
-            return Err(format!("the session outlived its {SESSION_LIMIT:?} limit"));
+            return Err(Stop::Outlived.into());
         }
-        self.flush()?;
+        self.flush().map_err(Stop::Send)?;
         match self.core.tick(Instant::now()) {
-            Ok(Some(hb)) => self.send(&hb),
+            Ok(Some(hb)) => Ok(self.send(&hb).map_err(Stop::Send)?),
             Ok(None) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Stop::Protocol(e).into()),
         }
     }
 
@@ -386,7 +405,7 @@ struct PrimaryThread {
 impl PrimaryThread {
     /// Connects to `standby` (the handshake done) and starts protecting `vm`.
     fn start(vm: &Arc<Vm>, standby: SocketAddr, slots: usize) -> Self {
-        let mut cfg = PrimaryConfig::new(standby, SECRET.to_vec(), MEM / 4096);
+        let mut cfg = PrimaryConfig::new(standby, SECRET.to_vec(), MEM / PAGE_SIZE);
         cfg.epoch_interval = Duration::from_millis(10);
         cfg.heartbeat = HB;
         cfg.slots = slots;

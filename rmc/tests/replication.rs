@@ -18,9 +18,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{init_logs, kvm_available, wait_for};
-use rmc_mc::core::Heartbeat;
 use rmc_mc::primary::{Primary, PrimaryConfig};
+use rmc_mc::protocol::Heartbeat;
 use rmc_mc::standby::{Standby, StandbyConfig};
+use rmc_mc::PAGE_SIZE;
+use rmc_staging::PAGE_BYTES;
 use rmc_transport::link::{first_rdma_ip, Transport};
 use rmc_vmm::service::{Client, Reply};
 use rmc_vmm::{DirtierConfig, Vm, VmConfig, VmState, Workload};
@@ -207,7 +209,7 @@ fn replicate(transport: Transport, min_epochs: u64, limit: u64, hb: Heartbeat) {
     };
     let vm = Vm::new(&cfg).unwrap();
     vm.resume();
-    let mut config = PrimaryConfig::new(standby_addr, SECRET.to_vec(), (64 << 20) / 4096);
+    let mut config = PrimaryConfig::new(standby_addr, SECRET.to_vec(), (64 << 20) / PAGE_SIZE);
     config.epoch_interval = Duration::from_millis(4);
     config.transport = transport;
     config.heartbeat = hb;
@@ -275,9 +277,9 @@ fn replicate(transport: Transport, min_epochs: u64, limit: u64, hb: Heartbeat) {
 
     // Memory, page by page.
     let mut differing = Vec::new();
-    let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+    let (mut a, mut b) = (vec![0u8; PAGE_BYTES], vec![0u8; PAGE_BYTES]);
     for &(base, len) in vm.regions() {
-        for addr in (base..base + len).step_by(4096) {
+        for addr in (base..base + len).step_by(PAGE_BYTES) {
             vm.memory().read_slice(&mut a, GuestAddress(addr)).unwrap();
             backup
                 .memory
@@ -304,8 +306,7 @@ fn replicate(transport: Transport, min_epochs: u64, limit: u64, hb: Heartbeat) {
     const CLOCKS: [u32; 3] = [MSR_IA32_TSC, 0x4000_0010, 0x4000_0020];
     let now = vm.save_state().unwrap();
     let saved = VmState::decode(&backup.state).unwrap();
-    assert_eq!(now.nic, saved.nic);
-    assert_eq!(now.console, saved.console);
+    assert_eq!(now.devices, saved.devices);
     assert_eq!(now.vcpus.len(), saved.vcpus.len());
     for (a, b) in now.vcpus.iter().zip(&saved.vcpus) {
         assert_eq!(format!("{:?}", a.regs), format!("{:?}", b.regs));
@@ -427,7 +428,7 @@ fn rdma_failover_trials_in_process() {
         })
         .unwrap();
         vm.resume();
-        let mut config = PrimaryConfig::new(addr, SECRET.to_vec(), (64 << 20) / 4096);
+        let mut config = PrimaryConfig::new(addr, SECRET.to_vec(), (64 << 20) / PAGE_SIZE);
         config.transport = Transport::Rdma;
         config.heartbeat = hb;
         let primary = Primary::connect(&vm, config).unwrap();

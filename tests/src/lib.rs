@@ -7,8 +7,13 @@
 //! - [`output_within`]: [`Command::output`] with a deadline;
 //! - [`wait_within`]: [`Child::wait`] with a deadline;
 //! - [`line_channel`] / [`forward_lines`] read a child's output on a thread, and
-//!   [`next_line_within`], [`wait_for_line`] and [`rest_within`] take lines from it with a
+//!   [`next_line_within`], [`wait_for_event`] and [`rest_within`] take lines from it with a
 //!   deadline.
+//!
+//! What a test reacts to in `rmc`'s output are its events (`rmc::events::Event`), read from
+//! the JSON lines of `rmc --json`: [`wait_for_event`], [`events_in`] and
+//! [`process::Rmc::wait_event`] are generic over the event type (anything `FromStr`, so this
+//! crate does not depend on `rmc`); lines that do not parse (log lines) are skipped.
 //!
 //! [`netns`] builds two "hosts" (network namespaces on a bridge) for fault trials.
 
@@ -18,6 +23,7 @@ pub mod process;
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::str::FromStr;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -210,33 +216,43 @@ pub fn next_line_within(rx: &Receiver<String>, deadline: Duration, what: &str) -
     }
 }
 
-/// Skips lines from `rx` (the output of `what`) until one starts with `prefix`, and returns
-/// it, waiting at most `deadline` in all. Panics on timeout or when the output ends first,
-/// naming `what`, the prefix and the deadline, and showing the lines skipped.
-pub fn wait_for_line(
+/// Skips lines from `rx` (the output of `what`) until one parses as an event `E` (see the
+/// crate doc) that `pick` takes, and returns what `pick` made of it, waiting at most
+/// `deadline` in all. Panics on timeout or when the output ends first, naming `what`, the
+/// `awaited` event and the deadline, and showing the lines skipped.
+pub fn wait_for_event<E: FromStr, T>(
     rx: &Receiver<String>,
-    prefix: &str,
     deadline: Duration,
     what: &str,
-) -> String {
+    awaited: &str,
+    mut pick: impl FnMut(E) -> Option<T>,
+) -> T {
     let until = Instant::now() + deadline;
     let mut seen = String::new();
     loop {
         let left = until.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line.starts_with(prefix) => return line,
             Ok(line) => {
+                if let Some(t) = line.parse().ok().and_then(&mut pick) {
+                    return t;
+                }
                 seen += &line;
                 seen.push('\n');
             }
-            Err(RecvTimeoutError::Timeout) => panic!(
-                "{what} printed no line starting {prefix:?} within {deadline:?}; it printed:\n{seen}"
-            ),
-            Err(RecvTimeoutError::Disconnected) => panic!(
-                "{what} ended its output without a line starting {prefix:?}; it printed:\n{seen}"
-            ),
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("{what} reported no {awaited} within {deadline:?}; it printed:\n{seen}")
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                panic!("{what} ended its output without reporting {awaited}; it printed:\n{seen}")
+            }
         }
     }
+}
+
+/// The events `E` (see the crate doc) among the lines of `text` (a captured stdout), in
+/// order; other lines are skipped.
+pub fn events_in<E: FromStr>(text: &str) -> Vec<E> {
+    text.lines().filter_map(|l| l.parse().ok()).collect()
 }
 
 /// Every line left in `rx` (the output of `what`) up to the end of the output, each followed

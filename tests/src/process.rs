@@ -1,9 +1,10 @@
 //! An `rmc` process under test: its stdout and stderr read line by line on threads of their
-//! own (every line kept, tagged with its stream), waits with deadlines, SIGKILLed when
-//! dropped.
+//! own (every line kept, tagged with its stream), waits for its events (start it with
+//! `rmc --json`) with deadlines, SIGKILLed when dropped.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
@@ -65,22 +66,30 @@ impl Rmc {
         self.child.id()
     }
 
-    /// Waits at most `deadline` for a line starting with `prefix` (stdout or stderr), keeping
-    /// every line; returns it and whether it came on stderr. Panics with everything the
-    /// process printed if none comes.
-    pub fn wait_for(&mut self, prefix: &str, deadline: Duration) -> Line {
+    /// Waits at most `deadline` for an event `E` on stdout (a JSON line of `rmc --json`, see
+    /// the crate doc) that `pick` takes, keeping every line; returns what `pick` made of it.
+    /// Panics, naming the `awaited` event, with everything the process printed if none comes.
+    pub fn wait_event<E: FromStr, T>(
+        &mut self,
+        awaited: &str,
+        deadline: Duration,
+        mut pick: impl FnMut(E) -> Option<T>,
+    ) -> T {
         let until = Instant::now() + deadline;
         loop {
             let left = until.saturating_duration_since(Instant::now());
             match self.out.recv_timeout(left) {
                 Ok(line) => {
                     self.lines.push(line.clone());
-                    if line.1.starts_with(prefix) {
-                        return line;
+                    let (stderr, text) = line;
+                    if !stderr {
+                        if let Some(t) = text.parse().ok().and_then(&mut pick) {
+                            return t;
+                        }
                     }
                 }
                 Err(e) => panic!(
-                    "{} printed no line starting {prefix:?} ({}); it printed:\n{}",
+                    "{} reported no {awaited} ({}); it printed:\n{}",
                     self.what,
                     match e {
                         RecvTimeoutError::Timeout => format!("within {deadline:?}"),
@@ -92,17 +101,6 @@ impl Rmc {
         }
     }
 
-    /// [`Rmc::wait_for`] on stdout only (the lines of protocol events are printed there).
-    pub fn wait_for_stdout(&mut self, prefix: &str, deadline: Duration) -> String {
-        let (stderr, line) = self.wait_for(prefix, deadline);
-        assert!(
-            !stderr,
-            "{}: expected {line:?} on stdout, it came on stderr",
-            self.what
-        );
-        line
-    }
-
     /// Takes the lines printed so far without waiting.
     pub fn poll(&mut self) {
         while let Ok(line) = self.out.try_recv() {
@@ -110,17 +108,12 @@ impl Rmc {
         }
     }
 
-    /// Whether a line read so far starts with `prefix`.
-    pub fn saw(&self, prefix: &str) -> bool {
-        self.find(prefix).is_some()
-    }
-
-    /// The first line read so far that starts with `prefix`.
-    pub fn find(&self, prefix: &str) -> Option<String> {
+    /// The first event `E` on stdout read so far that `pick` takes.
+    pub fn find_event<E: FromStr, T>(&self, mut pick: impl FnMut(E) -> Option<T>) -> Option<T> {
         self.lines
             .iter()
-            .find(|(_, l)| l.starts_with(prefix))
-            .map(|(_, l)| l.clone())
+            .filter(|(stderr, _)| !stderr)
+            .find_map(|(_, l)| l.parse().ok().and_then(&mut pick))
     }
 
     /// SIGKILLs the process and reaps it; returns when it is gone.

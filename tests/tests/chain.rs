@@ -29,6 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rmc::checker::{Checker, SharedChecker};
+use rmc::events::{Event, FailedOver, LossAction};
 use rmc_arbiter::testing::{etcd_available, EtcdServer};
 use rmc_tests::process::Rmc;
 use rmc_tests::{kvm_available, rmc_bin};
@@ -87,11 +88,45 @@ fn signal(pid: u32, sig: libc::c_int) {
     );
 }
 
-/// Starts `rmc ARGS`; `what` names it in messages.
+/// Starts `rmc --json ARGS`; `what` names it in messages.
 fn spawn_rmc(what: &str, args: &[&str]) -> Rmc {
     let mut cmd = Command::new(rmc_bin());
-    cmd.args(args);
+    cmd.arg("--json").args(args);
     Rmc::spawn(format!("{what} (rmc {})", args[0]), cmd)
+}
+
+/// Waits for `p`'s failover.
+fn failed_over(p: &mut Rmc) -> FailedOver {
+    p.wait_event("a failover", FAILOVER, |e| match e {
+        Event::FailedOver(f) => Some(f),
+        _ => None,
+    })
+}
+
+/// Waits for `p` to be protected (a session with a standby began): the standby's address and
+/// whether the session resumed from the checkpoint it held.
+fn protected(p: &mut Rmc) -> (SocketAddr, bool) {
+    p.wait_event("protection by a standby", UP, |e| match e {
+        Event::Protected {
+            standby, resumed, ..
+        } => Some((standby, resumed)),
+        _ => None,
+    })
+}
+
+/// Waits for `p`'s standby to acknowledge the session's first checkpoint.
+fn first_checkpoint_acked(p: &mut Rmc) {
+    p.wait_event("the first acknowledged checkpoint", UP, |e: Event| {
+        (e == Event::FirstCheckpointAcked).then_some(())
+    });
+}
+
+/// Waits for `p` to lose its standby: what it does now, and the event.
+fn standby_lost(p: &mut Rmc) -> (LossAction, Event) {
+    p.wait_event("the loss of its standby", UP, |e| match e {
+        Event::StandbyLost { action, .. } => Some((action, e)),
+        _ => None,
+    })
 }
 
 /// Starts `rmc standby` (`what` names it in messages) with `--service-addr primary`, the
@@ -123,14 +158,16 @@ fn start_standby(
         args.extend(["--protect-with", next]);
     }
     let mut sb = spawn_rmc(what, &args);
-    const LISTENING: &str = "rmc: standby listening on tcp ";
-    let line = sb.wait_for_stdout(LISTENING, UP);
-    let addr = line[LISTENING.len()..]
-        .split_whitespace()
-        .next()
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    (sb, addr)
+    let addr = sb.wait_event("where it listens", UP, |e| match e {
+        Event::StandbyListening {
+            transport, addr, ..
+        } => {
+            assert_eq!(transport.to_string(), "tcp");
+            Some(addr)
+        }
+        _ => None,
+    });
+    (sb, addr.to_string())
 }
 
 /// Starts `rmc primary` protected by the standby at `standby`; returns it and its service
@@ -171,15 +208,13 @@ fn start_primary_with(
     ];
     args.extend(HEARTBEAT);
     let mut p = spawn_rmc(what, &args);
-    const LISTENING: &str = "rmc: counter service listening on udp ";
-    let line = p.wait_for_stdout(LISTENING, UP);
-    let service: SocketAddr = line[LISTENING.len()..]
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("{line:?}: {e}"));
-    let protected = p.wait_for_stdout("rmc: protected by the standby at ", UP);
-    assert!(protected.contains(standby), "{protected}");
-    p.wait_for_stdout("rmc: first checkpoint acknowledged", UP);
+    let service = p.wait_event("its service address", UP, |e| match e {
+        Event::ServiceListening { addr } => Some(addr),
+        _ => None,
+    });
+    let (by, _) = protected(&mut p);
+    assert_eq!(by.to_string(), standby);
+    first_checkpoint_acked(&mut p);
     (p, service)
 }
 
@@ -410,23 +445,23 @@ fn chain_a_b_c_with_a_checking_client() {
 
     // A dies: B takes over once A's lease ran out, and protects the VM with C.
     let killed_a = a.kill();
-    let b_failed = b.wait_for_stdout("rmc: failed over at epoch ", FAILOVER);
+    let b_failed = Event::FailedOver(failed_over(&mut b));
     let b_failed_at = killed_a.elapsed();
-    let protecting = b.wait_for_stdout(
-        "rmc: protecting the failed-over VM with the standby at ",
-        UP,
-    );
-    assert!(protecting.ends_with(&c_addr), "{protecting}");
-    let protected = b.wait_for_stdout("rmc: protected by the standby at ", UP);
-    assert!(protected.contains(&c_addr), "{protected}");
-    b.wait_for_stdout("rmc: first checkpoint acknowledged", UP);
+    let protecting = b.wait_event("protection of the failed-over VM", UP, |e| match e {
+        Event::ProtectingFailedOver { standby } => Some(standby),
+        _ => None,
+    });
+    assert_eq!(protecting.to_string(), c_addr);
+    let (by, _) = protected(&mut b);
+    assert_eq!(by.to_string(), c_addr);
+    first_checkpoint_acked(&mut b);
     let b_protected_at = killed_a.elapsed();
     // B serves: requests sent after A was gone are answered (by B, the only VM running).
     clients.wait_served_since(killed_a, SERVED_REQUESTS, "B after A was killed");
 
     // B dies: C takes over once B's lease ran out.
     let killed_b = b.kill();
-    let c_failed = c.wait_for_stdout("rmc: failed over at epoch ", FAILOVER);
+    let c_failed = Event::FailedOver(failed_over(&mut c));
     let c_failed_at = killed_b.elapsed();
     clients.wait_served_since(killed_b, SERVED_REQUESTS, "C after B was killed");
     // Two more seconds of service by C.
@@ -495,26 +530,24 @@ fn resume_after_the_standby_was_frozen() {
     signal(b.pid(), libc::SIGSTOP);
     std::thread::sleep(Duration::from_secs(2));
     signal(b.pid(), libc::SIGCONT);
-    let (on_stderr, lost) = a.wait_for("rmc: lost the standby", UP);
-    assert!(on_stderr, "A: {lost:?} came on stdout");
-    assert!(lost.contains("running unprotected"), "{lost}");
-    let resumed = a.wait_for_stdout("rmc: protected by the standby at ", UP);
+    let (action, lost) = standby_lost(&mut a);
+    assert_eq!(action, LossAction::Continue, "{lost}");
+    let (by, resumed) = protected(&mut a);
     assert!(
-        resumed.contains(&b_addr)
-            && resumed.ends_with(
-                "(resumed: it still holds a checkpoint of the last session, only what changed \
-                 since is sent)"
-            ),
-        "A reconnected to B without resuming: {resumed}\n{}\n{}",
+        by.to_string() == b_addr && resumed,
+        "A reconnected to B without resuming: {by}, resumed {resumed}\n{}\n{}",
         a.report(),
         b.report()
     );
-    a.wait_for_stdout("rmc: first checkpoint acknowledged", UP);
+    first_checkpoint_acked(&mut a);
     let reprotected_at = frozen.elapsed();
     // B saw the primary lost, but its backup is stale (A ran on): it must not take over.
-    let not_taking = b.wait_for_stdout("rmc: not taking over: ", UP);
+    let not_taking = b.wait_event("a refused takeover", UP, |e| {
+        matches!(e, Event::NotTakingOver { .. }).then_some(e)
+    });
     assert!(
-        !b.saw("rmc: failed over"),
+        b.find_event(|e| matches!(e, Event::FailedOver(_)).then_some(()))
+            .is_none(),
         "B took over from a stale backup:\n{}\n{}",
         a.report(),
         b.report()
@@ -524,7 +557,7 @@ fn resume_after_the_standby_was_frozen() {
 
     // A dies: B takes over from the resumed session's checkpoint.
     let killed_a = a.kill();
-    let b_failed = b.wait_for_stdout("rmc: failed over at epoch ", FAILOVER);
+    let b_failed = Event::FailedOver(failed_over(&mut b));
     let b_failed_at = killed_a.elapsed();
     clients.wait_served_since(killed_a, SERVED_REQUESTS, "B after A was killed");
     std::thread::sleep(Duration::from_secs(2));
@@ -583,13 +616,12 @@ fn a_paused_primary_keeps_its_standby_current() {
 
     // B frozen: A notices, pauses its VM and holds what it sent.
     signal(b.pid(), libc::SIGSTOP);
-    let (on_stderr, lost) = a.wait_for("rmc: lost the standby", UP);
-    assert!(on_stderr, "A: {lost:?} came on stdout");
-    assert!(lost.contains("VM paused with its output held"), "{lost}");
+    let (action, lost) = standby_lost(&mut a);
+    assert_eq!(action, LossAction::Pause, "{lost}");
     // A dies while B is still frozen; then B comes back.
     let killed_a = a.kill();
     signal(b.pid(), libc::SIGCONT);
-    let b_failed = b.wait_for_stdout("rmc: failed over at epoch ", FAILOVER);
+    let b_failed = Event::FailedOver(failed_over(&mut b));
     clients.wait_served_since(killed_a, SERVED_REQUESTS, "B after A was killed");
     std::thread::sleep(Duration::from_secs(1));
     let outcomes = clients.stop();
@@ -603,7 +635,11 @@ fn a_paused_primary_keeps_its_standby_current() {
         "{} (B should have been serving)\n{tails}",
         b_early.unwrap_or_default()
     );
-    assert!(!b.saw("rmc: not taking over"), "{tails}");
+    assert!(
+        b.find_event(|e| matches!(e, Event::NotTakingOver { .. }).then_some(()))
+            .is_none(),
+        "{tails}"
+    );
     let summary = check_clients(&clients, &outcomes, &tails);
     let by_b = clients.answered_between(killed_a, stopped);
     assert!(by_b > 0, "{tails}");

@@ -4,10 +4,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
+use rmc::events::{Backup, Event, LossAction};
 use rmc_tests::{
-    forward_lines, kill_within, kvm_available, line_channel, next_line_within, output_within,
-    rest_within, rmc_bin, wait_for_line, wait_within,
+    events_in, forward_lines, kill_within, kvm_available, line_channel, output_within, rest_within,
+    rmc_bin, wait_for_event, wait_within,
 };
+use rmc_transport::link::Transport;
 
 // Deadlines: guards against hangs, not speed criteria (a loaded 2-core CI machine is slow).
 
@@ -36,10 +38,16 @@ impl Drop for Killed {
     }
 }
 
+/// `rmc --json`: its events as JSON lines, for the test to read.
+fn rmc() -> Command {
+    let mut c = Command::new(rmc_bin());
+    c.arg("--json");
+    c
+}
+
 /// Starts `rmc run` and returns it with the address its counter service listens on.
 fn start_vm(extra: &[&str]) -> (Killed, String) {
-    const LISTENING: &str = "rmc: counter service listening on udp ";
-    let mut child = Command::new(rmc_bin())
+    let mut child = rmc()
         .args(["run", "--listen", "127.0.0.1:0", "--log", "warn"])
         .args(extra)
         .stdout(Stdio::piped())
@@ -48,29 +56,29 @@ fn start_vm(extra: &[&str]) -> (Killed, String) {
     // The thread behind the channel keeps draining stdout after the channel is dropped.
     let out = line_channel(child.stdout.take().unwrap());
     let vm = Killed(child);
-    let line = wait_for_line(&out, LISTENING, UP, "rmc run");
-    (vm, line[LISTENING.len()..].to_string())
+    let addr = wait_for_event(&out, UP, "rmc run", "its service address", |e| match e {
+        Event::ServiceListening { addr } => Some(addr),
+        _ => None,
+    });
+    (vm, addr.to_string())
 }
 
-/// The request and reply counts of `rmc client`'s summary line
-/// ("rmc client: N requests, M replies (...), ...").
-fn client_counts(stdout: &str) -> (u64, u64) {
-    let summary = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("rmc client: "))
-        .unwrap_or_else(|| panic!("no `rmc client:` summary line in {stdout}"));
-    let words: Vec<&str> = summary.split_whitespace().collect();
-    let number = |i: usize, unit: &str| -> u64 {
-        assert_eq!(
-            words.get(i + 1).map(|w| w.trim_end_matches(',')),
-            Some(unit),
-            "summary line {summary:?}"
-        );
-        words[i]
-            .parse()
-            .unwrap_or_else(|_| panic!("no number of {unit} in {summary:?}"))
-    };
-    (number(0, "requests"), number(2, "replies"))
+/// `rmc client`'s summary: its requests, replies, last counter, and whether `--check` found
+/// it consistent.
+fn client_summary(stdout: &str) -> (u64, u64, Option<u64>, bool) {
+    events_in(stdout)
+        .into_iter()
+        .find_map(|e| match e {
+            Event::ClientSummary {
+                requests,
+                replies,
+                last_counter,
+                consistent,
+                ..
+            } => Some((requests, replies, last_counter, consistent)),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no `rmc client` summary in {stdout}"))
 }
 
 #[test]
@@ -80,7 +88,7 @@ fn client_check_passes_against_running_vm() {
     }
     let (_vm, addr) = start_vm(&["--workload", "counter,dirtier", "--dirty-rate", "20000"]);
     let out = output_within(
-        Command::new(rmc_bin())
+        rmc()
             .args([
                 "client",
                 "--server",
@@ -100,13 +108,13 @@ fn client_check_passes_against_running_vm() {
         String::from_utf8_lossy(&out.stderr)
     );
     // 100 answers and 14 deliberate repeats (every 7th request); a retransmit may add replies.
-    let (requests, replies) = client_counts(&stdout);
+    let (requests, replies, _, consistent) = client_summary(&stdout);
     assert_eq!(requests, 100, "{stdout}");
     assert!(replies >= 114, "{stdout}");
-    assert!(stdout.ends_with("consistent\n"), "{stdout}");
+    assert!(consistent, "{stdout}");
     // A second client shares the service: its counter values continue above the first's.
     let out = output_within(
-        Command::new(rmc_bin()).args([
+        rmc().args([
             "client",
             "--server",
             &addr,
@@ -121,7 +129,11 @@ fn client_check_passes_against_running_vm() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("seq 1 -> counter 101 (status 0)"),
+        events_in(&stdout).contains(&Event::ClientReply {
+            seq: 1,
+            counter: 101,
+            status: 0
+        }),
         "{stdout}"
     );
 }
@@ -184,7 +196,7 @@ fn run_stops_after_duration_and_reports() {
         return;
     }
     let out = output_within(
-        Command::new(rmc_bin()).args([
+        rmc().args([
             "run",
             "--listen",
             "127.0.0.1:0",
@@ -201,7 +213,12 @@ fn run_stops_after_duration_and_reports() {
         "{s}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(s.contains("rmc: VM stopped after"), "{s}");
+    assert!(
+        events_in(&s)
+            .iter()
+            .any(|e| matches!(e, Event::VmStopped { seconds, .. } if *seconds >= 0.5)),
+        "{s}"
+    );
 }
 
 /// A running `rmc standby`: killed when dropped.
@@ -209,19 +226,50 @@ struct Standby {
     proc: Killed,
     /// The TCP address it listens on.
     addr: String,
-    /// Its stdout after the first line.
+    /// Its stdout after the line that said where it listens.
     out: Receiver<String>,
 }
 
 impl Standby {
     /// Waits for the standby to exit by itself (after its sessions), asserts that it
-    /// succeeded, and returns what it printed after its first line.
-    fn finish(mut self) -> String {
+    /// succeeded, and returns the events it reported after it listened, with its output.
+    fn finish(mut self) -> (Vec<Event>, String) {
         let status = wait_within(&mut self.proc.0, EXIT, "rmc standby");
         let out = rest_within(&self.out, EXIT, "rmc standby");
         assert!(status.success(), "rmc standby failed ({status}):\n{out}");
-        out
+        (events_in(&out), out)
     }
+
+    /// Waits for its next session to end: the primary, whether it ended with an error, and
+    /// what the backup holds.
+    fn session_ended(&self) -> (Option<String>, Backup) {
+        wait_for_event(
+            &self.out,
+            UP,
+            "rmc standby",
+            "the end of a session",
+            |e| match e {
+                Event::SessionEnded { error, backup, .. } => Some((error, backup)),
+                _ => None,
+            },
+        )
+    }
+}
+
+/// The sessions among `events` that the primary closed with a goodbye: what the backup held
+/// after each.
+fn goodbyes(events: &[Event]) -> Vec<Backup> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SessionEnded {
+                error: None,
+                backup,
+                ..
+            } => Some(*backup),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Starts `rmc standby` serving `sessions` connections.
@@ -231,7 +279,7 @@ fn start_standby(secret: &std::path::Path, sessions: u32) -> Standby {
 
 /// [`start_standby`] with `extra` options.
 fn start_standby_with(secret: &std::path::Path, sessions: u32, extra: &[&str]) -> Standby {
-    let mut child = Command::new(rmc_bin())
+    let mut child = rmc()
         .args([
             "standby",
             "--listen",
@@ -250,14 +298,20 @@ fn start_standby_with(secret: &std::path::Path, sessions: u32, extra: &[&str]) -
         .expect("start rmc standby");
     let out = line_channel(child.stdout.take().unwrap());
     let proc = Killed(child);
-    let line = next_line_within(&out, UP, "rmc standby");
-    let addr = line
-        .trim()
-        .strip_prefix("rmc: standby listening on tcp ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Standby { proc, addr, out }
+    let addr = wait_for_event(&out, UP, "rmc standby", "where it listens", |e| match e {
+        Event::StandbyListening {
+            transport, addr, ..
+        } => {
+            assert_eq!(transport, Transport::Tcp, "the default transport here");
+            Some(addr)
+        }
+        _ => None,
+    });
+    Standby {
+        proc,
+        addr: addr.to_string(),
+        out,
+    }
 }
 
 /// A temporary directory for secret files, removed when dropped (also on a panic).
@@ -288,7 +342,7 @@ fn primary_and_standby_binaries_protect_a_vm() {
     let standby = start_standby(&secret, 1);
     let addr = standby.addr.clone();
     let out = output_within(
-        Command::new(rmc_bin())
+        rmc()
             .args([
                 "primary",
                 "--standby",
@@ -310,21 +364,34 @@ fn primary_and_standby_binaries_protect_a_vm() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let events: Vec<Event> = events_in(&stdout);
     assert!(
-        stdout.contains(&format!("rmc: protected by the standby at {addr}")),
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Protected { standby, .. } if standby.to_string() == addr)),
         "{stdout}"
     );
-    let acked: u64 = stdout
-        .split("rmc: ")
-        .find_map(|l| l.split(" checkpoints acknowledged").next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no checkpoint count in {stdout}"));
     // Checkpoints were acknowledged (how many depends on the machine's speed).
+    let acked =
+        checkpoints_acked(&events).unwrap_or_else(|| panic!("no checkpoint count in {stdout}"));
     assert!(acked >= 1, "{stdout}");
-    let sout = standby.finish();
+    let (events, sout) = standby.finish();
+    // A goodbye, and a consistent checkpoint in the backup (released: protection ended on
+    // purpose).
     assert!(
-        sout.contains("closed by the primary; backup: consistent checkpoint of epoch"),
+        matches!(goodbyes(&events)[..], [b] if b.epoch().is_some()),
         "{sout}"
     );
+}
+
+/// The checkpoints acknowledged in a protection that ended on purpose.
+fn checkpoints_acked(events: &[Event]) -> Option<u64> {
+    events.iter().find_map(|e| match e {
+        Event::ProtectionEnded {
+            checkpoints_acked, ..
+        } => Some(*checkpoints_acked),
+        _ => None,
+    })
 }
 
 #[test]
@@ -337,7 +404,7 @@ fn primary_with_wrong_secret_is_refused() {
     let bad = secret_file(dir.path(), "bad", "another secret, also long enough");
     let standby = start_standby(&good, 1);
     let out = output_within(
-        Command::new(rmc_bin())
+        rmc()
             .args([
                 "primary",
                 "--standby",
@@ -360,24 +427,31 @@ fn primary_with_wrong_secret_is_refused() {
     );
     // The standby refused the connection; it never became a session, so the standby still
     // waits for its one session: a good primary gets it.
-    let line = wait_for_line(
+    let (peer, error) = wait_for_event(
         &standby.out,
-        "rmc: refused a connection from 127.0.0.1:",
         UP,
         "rmc standby",
+        "a refused connection",
+        |e| match e {
+            Event::Refused { peer, error } => Some((peer, error)),
+            _ => None,
+        },
     );
+    assert_eq!(peer.ip(), std::net::Ipv4Addr::LOCALHOST, "{error}");
     // The primary finds the standby's proof wrong first and says so with a Refuse.
     assert!(
-        line.ends_with(
+        error.ends_with(
             "The primary refused the connection: Authentication failed: the standby does not \
              hold the same secret"
         ),
-        "{line}"
+        "{error}"
     );
     protect_briefly(&standby.addr, &good);
-    let sout = standby.finish();
+    let (events, sout) = standby.finish();
+    // A goodbye, and a consistent checkpoint in the backup (released: protection ended on
+    // purpose).
     assert!(
-        sout.contains("closed by the primary; backup: consistent checkpoint of epoch"),
+        matches!(goodbyes(&events)[..], [b] if b.epoch().is_some()),
         "{sout}"
     );
     // A too-short secret is refused before anything starts.
@@ -399,7 +473,7 @@ fn primary_with_wrong_secret_is_refused() {
 /// with a goodbye and success.
 fn protect_briefly(addr: &str, secret: &std::path::Path) -> String {
     let out = output_within(
-        Command::new(rmc_bin())
+        rmc()
             .args(["primary", "--standby", addr, "--listen", "127.0.0.1:0"])
             .args(["--memory", "32M", "--duration", "1", "--log", "warn"])
             .args(HEARTBEAT)
@@ -413,7 +487,7 @@ fn protect_briefly(addr: &str, secret: &std::path::Path) -> String {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("checkpoints acknowledged"), "{stdout}");
+    assert!(checkpoints_acked(&events_in(&stdout)).is_some(), "{stdout}");
     stdout
 }
 
@@ -434,8 +508,11 @@ fn unauthenticated_peers_neither_fail_over_nor_keep_a_primary_out() {
     );
     // A primary protects, then ends protection on purpose.
     protect_briefly(&standby.addr, &secret);
-    let ended = wait_for_line(&standby.out, "rmc: session with ", UP, "rmc standby");
-    assert!(ended.contains("released (no failover to it"), "{ended}");
+    let ended = standby.session_ended();
+    assert!(
+        matches!(ended, (None, Backup::Released { .. })),
+        "{ended:?}"
+    );
     // Now peers that never authenticate: none may bring the stopped VM back.
     let addr: std::net::SocketAddr = standby.addr.parse().unwrap();
     drop(std::net::TcpStream::connect(addr).unwrap());
@@ -481,14 +558,27 @@ fn unauthenticated_peers_neither_fail_over_nor_keep_a_primary_out() {
     trickling.store(false, std::sync::atomic::Ordering::Release);
     trickler.join().unwrap();
     drop(idle);
-    let sout = standby.finish();
-    assert!(!sout.contains("failed over"), "{sout}");
+    let (events, sout) = standby.finish();
     assert!(
-        sout.contains("Authentication failed: the standby does not hold the same secret"),
+        !events.iter().any(|e| matches!(e, Event::FailedOver(_))),
         "{sout}"
     );
-    assert_eq!(sout.matches("rmc: session with ").count(), 1, "{sout}");
-    assert!(sout.contains("ended after"), "{sout}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Refused { error, .. }
+            if error.contains("Authentication failed: the standby does not hold the same secret"))),
+        "{sout}"
+    );
+    // One more session (the second primary's), ended.
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::SessionEnded { .. }))
+            .count(),
+        1,
+        "{sout}"
+    );
 }
 
 #[test]
@@ -652,8 +742,8 @@ fn bench_against_an_external_standby() {
         assert!(row["standby_total"].is_null(), "{row}");
     }
     // Both sessions ended with a goodbye: the standby exits cleanly after its 2 sessions.
-    let sout = standby.finish();
-    assert_eq!(sout.matches("closed by the primary").count(), 2, "{sout}");
+    let (events, sout) = standby.finish();
+    assert_eq!(goodbyes(&events).len(), 2, "{sout}");
 }
 
 /// `rmc bench --transport rdma` on a small guest, for a short run (log level info: a refusal
@@ -685,7 +775,7 @@ fn standby_loss_then_reprotection_with_the_vm_running() {
     let secret = secret_file(dir.path(), "secret", "the secret for the standby-loss test");
     let mut standby = start_standby(&secret, 1);
     let standby_addr = standby.addr.clone();
-    let mut primary = Command::new(rmc_bin())
+    let mut primary = rmc()
         .args([
             "primary",
             "--standby",
@@ -713,23 +803,43 @@ fn standby_loss_then_reprotection_with_the_vm_running() {
     let out = primary.stdout.take().unwrap();
     let err = primary.stderr.take().unwrap();
     let primary = Killed(primary);
-    // Its stdout and stderr, line by line, in one channel.
+    // Its stdout and stderr (shown if a wait fails), line by line, in one channel; its
+    // events come on stdout.
     let (tx, rx) = mpsc::channel();
     forward_lines(out, tx.clone());
     forward_lines(err, tx);
-    let wait_line = |prefix: &str| wait_for_line(&rx, prefix, UP, "rmc primary");
-    let service = wait_line("rmc: counter service listening on udp ")
-        .trim_start_matches("rmc: counter service listening on udp ")
-        .to_string();
-    wait_line("rmc: protected by the standby at");
+    let next = |awaited: &str, want: fn(&Event) -> bool| -> Event {
+        wait_for_event(&rx, UP, "rmc primary", awaited, |e: Event| {
+            want(&e).then_some(e)
+        })
+    };
+    let service = match next("its service address", |e| {
+        matches!(e, Event::ServiceListening { .. })
+    }) {
+        Event::ServiceListening { addr } => addr.to_string(),
+        _ => unreachable!(),
+    };
+    let protected: fn(&Event) -> bool = |e| matches!(e, Event::Protected { .. });
+    next("protection", protected);
     // One client for the whole test: its checker spans both protections and the gap.
     let mut client = rmc_vmm_client(&service);
     client(10);
     // The standby dies.
     standby.proc.0.kill().unwrap();
     wait_within(&mut standby.proc.0, EXIT, "the SIGKILLed rmc standby");
-    let lost = wait_line("rmc: lost the standby");
-    assert!(lost.contains("running unprotected"), "{lost}");
+    let lost = next("the loss of the standby", |e| {
+        matches!(e, Event::StandbyLost { .. })
+    });
+    assert!(
+        matches!(
+            lost,
+            Event::StandbyLost {
+                action: LossAction::Continue,
+                ..
+            }
+        ),
+        "{lost}"
+    );
     client(10); // still answered, unprotected
                 // A new standby on the same address: protection resumes, the VM never stopped.
     let mut standby2 = Killed(
@@ -750,7 +860,7 @@ fn standby_loss_then_reprotection_with_the_vm_running() {
             .spawn()
             .unwrap(),
     );
-    wait_line("rmc: protected by the standby at");
+    next("protection again", protected);
     client(10);
     let _ = standby2.0.kill();
     drop(primary);
@@ -764,7 +874,7 @@ fn rmc_vmm_client(service: &str) -> impl FnMut(u64) {
     move |n| {
         for _ in 0..n {
             let out = output_within(
-                Command::new(rmc_bin())
+                rmc()
                     .args([
                         "client",
                         "--server",
@@ -784,11 +894,8 @@ fn rmc_vmm_client(service: &str) -> impl FnMut(u64) {
                 "{stdout}{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            let counter: u64 = stdout
-                .split("last counter ")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|s| s.trim_end_matches(',').parse().ok())
+            let counter = client_summary(&stdout)
+                .2
                 .unwrap_or_else(|| panic!("no counter in {stdout}"));
             assert_eq!(
                 counter,

@@ -6,7 +6,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use rmc_tests::{kvm_available, output_within, rmc_bin};
+use rmc::checker::Inconsistency;
+use rmc::events::Event;
+use rmc_tests::{events_in, kvm_available, output_within, rmc_bin};
 
 /// Heartbeats for a busy 2-core machine (a SIGKILLed primary is seen at once anyway, through
 /// its closed connection).
@@ -22,6 +24,7 @@ fn failover_trials_stay_consistent() {
     let out = output_within(
         Command::new(rmc_bin())
             .args([
+                "--json",
                 "demo",
                 "--trials",
                 "20",
@@ -41,19 +44,41 @@ fn failover_trials_stay_consistent() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(stdout.matches("; consistent").count(), 20, "{stdout}");
+    let events: Vec<Event> = events_in(&stdout);
+    // Every trial was killed and stayed consistent (an inconsistent one ends the demo with
+    // `demo_trial_failed` instead), each with three clients.
+    let trials: Vec<(u32, usize)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::DemoTrial { trial, clients, .. } => Some((*trial, *clients)),
+            _ => None,
+        })
+        .collect();
     assert_eq!(
-        stdout.matches(": killed the primary after").count(),
-        20,
+        trials,
+        (1..=20).map(|t| (t, 3)).collect::<Vec<_>>(),
         "{stdout}"
     );
-    assert_eq!(stdout.matches(" 3 client(s), ").count(), 20, "{stdout}");
-    assert!(stdout.contains("rmc demo: 20 trial(s)"), "{stdout}");
     assert!(
-        stdout.contains("all consistent; failover time ms: min"),
+        events.contains(&Event::DemoStarted { trials: 20 }),
         "{stdout}"
     );
-    assert!(stdout.contains("standby: failed over at epoch"), "{stdout}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::DemoSummary { trials: 20, .. })),
+        "{stdout}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, Event::DemoStandby(_))),
+        "{stdout}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::DemoTrialFailed { .. })),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -69,6 +94,7 @@ fn demo_reports_output_released_before_its_ack() {
         let out = output_within(
             Command::new(rmc_bin())
                 .args([
+                    "--json",
                     "demo",
                     "--trials",
                     "5",
@@ -93,13 +119,24 @@ fn demo_reports_output_released_before_its_ack() {
             !out.status.success(),
             "{clients} client(s): the broken guarantee went unnoticed:\n{stdout}{stderr}"
         );
+        let events: Vec<Event> = events_in(&stdout);
+        // The service went back in time: a request sent after a reply with counter c got a
+        // counter <= c (the released reply's state was lost with the primary).
         assert!(
-            stdout
-                .lines()
-                .any(|l| l.starts_with("rmc demo: trial ") && l.contains(" FAILED: INCONSISTENT: "))
-                && stdout.contains("the service went back in time"),
+            events.iter().any(|e| matches!(
+                e,
+                Event::DemoTrialFailed {
+                    inconsistency: Some(Inconsistency::BehindSeen { .. }),
+                    ..
+                }
+            )),
             "{clients} client(s): not reported as a contradiction:\n{stdout}{stderr}"
         );
-        assert!(!stdout.contains("all consistent"), "{stdout}");
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, Event::DemoSummary { .. })),
+            "{stdout}"
+        );
     }
 }

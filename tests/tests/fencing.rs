@@ -26,6 +26,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rmc::checker::{Checker, SharedChecker};
+use rmc::events::{Event, FailedOver};
 use rmc_tests::netns::{netns_available, Etcd, Host, Topology, REPL};
 use rmc_tests::process::Rmc;
 use rmc_tests::{kvm_available, rmc_bin};
@@ -265,10 +266,10 @@ struct TrialReport {
     gap: Duration,
     /// Hosts that answered in the last [`END_WINDOW`] before the clients stopped.
     served_at_end: Vec<Host>,
-    /// The standby's failover line, if it failed over.
-    failed_over: Option<String>,
-    /// The primary's line about losing the standby, if it did.
-    lost_standby: Option<String>,
+    /// The standby's failover, if it failed over.
+    failed_over: Option<FailedOver>,
+    /// The primary's report of losing the standby, if it did.
+    lost_standby: Option<Event>,
     /// Processes that had exited before the end of the trial, and how.
     exited_early: Vec<String>,
     /// The last lines of both processes (shown with a failure).
@@ -330,10 +331,10 @@ impl TrialReport {
     }
 }
 
-/// Starts `rmc ARGS` on `host`.
+/// Starts `rmc --json ARGS` on `host`.
 fn spawn_rmc(topo: &Topology, host: Host, args: &[String]) -> Rmc {
     let mut cmd = topo.command(host, rmc_bin());
-    cmd.args(args);
+    cmd.arg("--json").args(args);
     Rmc::spawn(
         format!("rmc {} on host {}", args[0], topo.namespace(host)),
         cmd,
@@ -502,7 +503,9 @@ fn run_trial(
     args.extend(arbiter.iter().cloned());
     args.extend(c.standby_extra.iter().cloned());
     let mut standby = spawn_rmc(topo, Host::Standby, &args);
-    standby.wait_for("rmc: standby listening on ", UP);
+    standby.wait_event("where it listens", UP, |e| {
+        matches!(e, Event::StandbyListening { .. }).then_some(())
+    });
     check_is_rmc(&standby);
 
     let mut args = strings([
@@ -527,9 +530,13 @@ fn run_trial(
     args.extend(arbiter.iter().cloned());
     args.extend(c.primary_extra.iter().cloned());
     let mut primary = spawn_rmc(topo, Host::Primary, &args);
-    primary.wait_for("rmc: counter service listening on udp ", UP);
+    primary.wait_event("its service address", UP, |e| {
+        matches!(e, Event::ServiceListening { .. }).then_some(())
+    });
     check_is_rmc(&primary);
-    primary.wait_for("rmc: first checkpoint acknowledged", UP);
+    primary.wait_event("the first acknowledged checkpoint", UP, |e: Event| {
+        (e == Event::FirstCheckpointAcked).then_some(())
+    });
     c.fault.prepare(topo);
 
     let checker = Checker::shared(false);
@@ -609,8 +616,11 @@ fn run_trial(
         client_errors: outcomes.into_iter().flat_map(|o| o.errors).collect(),
         gap,
         served_at_end,
-        failed_over: standby.find("rmc: failed over at epoch "),
-        lost_standby: primary.find("rmc: lost the standby"),
+        failed_over: standby.find_event(|e| match e {
+            Event::FailedOver(f) => Some(f),
+            _ => None,
+        }),
+        lost_standby: primary.find_event(|e| matches!(e, Event::StandbyLost { .. }).then_some(e)),
         exited_early,
         tails: format!("{}\n{}", primary.tail(12), standby.tail(12)),
         took: t0.elapsed(),

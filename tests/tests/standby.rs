@@ -7,14 +7,16 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rmc_tests::{line_channel, next_line_within, rmc_bin, wait_for_line, wait_within};
-use rmc_transport::framing::{FrameReader, FrameWriter, LinkError};
+use rmc::events::{Backup, Event};
+use rmc_guest_api::PAGE_SIZE;
+use rmc_tests::{line_channel, rmc_bin, wait_for_event, wait_within};
+use rmc_transport::framing::{Abort, FrameReader, FrameWriter, LinkError};
 use rmc_transport::wire::{self, auth, EpochHeader, EpochKind, Layout, Message, PROTOCOL_VERSION};
 
 const SECRET: &str = "the secret of the scripted-primary test";
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
-fn hang_guard() -> impl FnMut(Instant) -> Result<(), String> {
+fn hang_guard() -> impl FnMut(Instant) -> Result<(), Abort> {
     let start = Instant::now();
     move |_| {
         if start.elapsed() > HANG_GUARD {
@@ -28,7 +30,7 @@ fn hang_guard() -> impl FnMut(Instant) -> Result<(), String> {
 /// Sends epoch `epoch`: one page at address 0 filled with the epoch's number, and `state`.
 fn send_epoch(w: &mut FrameWriter<TcpStream>, epoch: u64, kind: EpochKind, state: &[u8]) {
     let index: Vec<u8> = 0u64.to_le_bytes().to_vec();
-    let mut rest = vec![epoch as u8; 4096];
+    let mut rest = vec![epoch as u8; PAGE_SIZE as usize];
     rest.extend_from_slice(state);
     let header = EpochHeader {
         epoch,
@@ -49,7 +51,14 @@ fn a_checkpoint_the_standby_cannot_restore_is_refused_never_acked() {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, SECRET).unwrap();
     let mut child = Command::new(rmc_bin())
-        .args(["standby", "--listen", "127.0.0.1:0", "--log", "warn"])
+        .args([
+            "--json",
+            "standby",
+            "--listen",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+        ])
         .args(["--service-addr", "127.0.0.1:0", "--sessions", "1"])
         .args(["--heartbeat-ms", "100", "--heartbeat-misses", "30"])
         .arg("--secret-file")
@@ -58,14 +67,18 @@ fn a_checkpoint_the_standby_cannot_restore_is_refused_never_acked() {
         .spawn()
         .expect("start rmc standby");
     let out = line_channel(child.stdout.take().unwrap());
-    let line = next_line_within(&out, HANG_GUARD, "rmc standby");
-    let addr = line
-        .strip_prefix("rmc: standby listening on tcp ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let addr = wait_for_event(
+        &out,
+        HANG_GUARD,
+        "rmc standby",
+        "where it listens",
+        |e| match e {
+            Event::StandbyListening { addr, .. } => Some(addr),
+            _ => None,
+        },
+    );
 
-    let s = TcpStream::connect(&addr).unwrap();
+    let s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let mut r = FrameReader::new(s.try_clone().unwrap());
@@ -81,13 +94,13 @@ fn a_checkpoint_the_standby_cannot_restore_is_refused_never_acked() {
     };
     // A guest rmc's VMM builds: 32 MiB, one vCPU, this build's state encoding.
     let layout = Layout {
-        page_size: 4096,
+        page_size: PAGE_SIZE as u32,
         regions: vec![(0, 32 << 20)],
         vcpus: 1,
         slot_pages: 1024,
         slot_count: 2,
         features: 0,
-        state_version: 1,
+        state_version: rmc_vmm::state::VERSION,
     };
     w.send(&Message::Auth {
         proof: auth::primary_proof(SECRET.as_bytes(), &c, &nonce),
@@ -125,11 +138,22 @@ fn a_checkpoint_the_standby_cannot_restore_is_refused_never_acked() {
     let _ = s.shutdown(std::net::Shutdown::Both);
     // Its primary is gone without a goodbye, but the standby holds no checkpoint it could
     // run: it says so and does not fail over.
-    let ended = wait_for_line(&out, "rmc: session with ", HANG_GUARD, "rmc standby");
+    let (error, backup) = wait_for_event(
+        &out,
+        HANG_GUARD,
+        "rmc standby",
+        "the end of the session",
+        |e| match e {
+            Event::SessionEnded { error, backup, .. } => Some((error, backup)),
+            _ => None,
+        },
+    );
     assert!(
-        ended.contains("Checkpoint 2 cannot be restored")
-            && ended.ends_with("backup: no consistent checkpoint"),
-        "{ended}"
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("Checkpoint 2 cannot be restored"))
+            && backup == Backup::NoCheckpoint,
+        "{error:?}, backup {backup:?}"
     );
     // Its one session is over: it exits, having failed nothing over.
     let status = wait_within(&mut child, HANG_GUARD, "rmc standby");

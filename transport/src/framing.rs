@@ -41,9 +41,28 @@ pub enum LinkError {
     /// A malformed frame.
     #[error(transparent)]
     Wire(#[from] WireError),
-    /// The idle callback asked to stop.
-    #[error("{0}")]
-    Aborted(String),
+    /// The idle callback stopped the read, for the reason it gave (a silent peer, a missed
+    /// deadline: the caller's own typed error, which shows through unchanged).
+    #[error(transparent)]
+    Aborted(Abort),
+}
+
+/// Why an idle callback stopped a read: the caller's own error, kept whole (downcast it, or
+/// use [`LinkError::aborted_by`], to get it back).
+pub type Abort = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a read runs while it waits: called with the time the last bytes arrived; an error
+/// stops the read with [`LinkError::Aborted`].
+pub type Idle<'a> = dyn FnMut(Instant) -> Result<(), Abort> + 'a;
+
+impl LinkError {
+    /// The idle callback's error, if it stopped the read with an `E`.
+    pub fn aborted_by<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        match self {
+            LinkError::Aborted(e) => e.downcast_ref::<E>(),
+            _ => None,
+        }
+    }
 }
 
 /// Reads frames from a stream.
@@ -75,7 +94,7 @@ impl<R: Read> FrameReader<R> {
         &mut self,
         out: &mut [u8],
         what: &'static str,
-        idle: &mut dyn FnMut(Instant) -> Result<(), String>,
+        idle: &mut Idle<'_>,
     ) -> Result<(), LinkError> {
         let mut got = 0;
         while got < out.len() {
@@ -110,7 +129,7 @@ impl<R: Read> FrameReader<R> {
     pub fn read_header(
         &mut self,
         max_body: u64,
-        idle: &mut dyn FnMut(Instant) -> Result<(), String>,
+        idle: &mut Idle<'_>,
     ) -> Result<FrameHeader, LinkError> {
         let mut h = [0u8; FRAME_HEADER_LEN];
         self.read_full(&mut h, "a frame header", idle)?;
@@ -121,7 +140,7 @@ impl<R: Read> FrameReader<R> {
     pub fn read_message(
         &mut self,
         h: FrameHeader,
-        idle: &mut dyn FnMut(Instant) -> Result<(), String>,
+        idle: &mut Idle<'_>,
     ) -> Result<Message, LinkError> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.resize(h.len as usize, 0);
@@ -132,10 +151,7 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// Reads the next frame, which must be a control message.
-    pub fn next_message(
-        &mut self,
-        idle: &mut dyn FnMut(Instant) -> Result<(), String>,
-    ) -> Result<Message, LinkError> {
+    pub fn next_message(&mut self, idle: &mut Idle<'_>) -> Result<Message, LinkError> {
         let h = self.read_header(0, idle)?;
         self.read_message(h, idle)
     }
@@ -227,6 +243,28 @@ impl<W: Write> FrameWriter<W> {
             })
     }
 
+    /// Starts an epoch whose body is sent in pieces (one larger than any buffer of the
+    /// sender): sends its header and the body frame header for `body_len` bytes; the pieces
+    /// follow through [`EpochStream::send`], hashed as they go, and [`EpochStream::finish`]
+    /// sends the commit with their checksum. The bytes on the wire are those of
+    /// [`FrameWriter::send_epoch`] with the same body.
+    pub fn start_epoch(
+        &mut self,
+        header: &EpochHeader,
+        body_len: u64,
+    ) -> Result<EpochStream<'_, W>, LinkError> {
+        self.scratch.clear();
+        wire::encode(&Message::EpochHeader(*header), &mut self.scratch);
+        wire::encode_body_header(body_len, &mut self.scratch);
+        self.write_scratch("sending an epoch")?;
+        Ok(EpochStream {
+            writer: self,
+            epoch: header.epoch,
+            left: body_len,
+            hasher: wire::Hasher::new(),
+        })
+    }
+
     /// Writes raw bytes (pieces of an epoch sent in parts).
     pub fn send_raw(&mut self, parts: &[&[u8]]) -> Result<(), LinkError> {
         let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
@@ -237,6 +275,43 @@ impl<W: Write> FrameWriter<W> {
                 what: "sending an epoch",
                 source,
             })
+    }
+}
+
+/// An epoch body on its way in pieces (see [`FrameWriter::start_epoch`]).
+#[derive(Debug)]
+pub struct EpochStream<'a, W> {
+    writer: &'a mut FrameWriter<W>,
+    epoch: u64,
+    left: u64,
+    hasher: wire::Hasher,
+}
+
+impl<W: Write> EpochStream<'_, W> {
+    /// Sends the next pieces of the body, in order.
+    ///
+    /// # Panics
+    /// If they go past the announced length (a bug in the caller).
+    pub fn send(&mut self, parts: &[&[u8]]) -> Result<(), LinkError> {
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        assert!(len <= self.left, "more epoch body than announced");
+        self.left -= len;
+        parts.iter().for_each(|p| self.hasher.update(p));
+        self.writer.send_raw(parts)
+    }
+
+    /// Sends the commit with the checksum of the whole body; returns the checksum.
+    ///
+    /// # Panics
+    /// If less body was sent than announced (a bug in the caller).
+    pub fn finish(self) -> Result<u64, LinkError> {
+        assert_eq!(self.left, 0, "less epoch body than announced");
+        let checksum = self.hasher.finish();
+        self.writer.send(&Message::Commit {
+            epoch: self.epoch,
+            checksum,
+        })?;
+        Ok(checksum)
     }
 }
 
@@ -303,7 +378,7 @@ mod tests {
             state_len: 5,
         };
         let index = 0x2000u64.to_le_bytes();
-        let page = [7u8; 4096];
+        let page = [7u8; rmc_staging::PAGE_BYTES];
         let commit = Message::Commit {
             epoch: 3,
             checksum: 99,
@@ -329,11 +404,11 @@ mod tests {
             Message::EpochHeader(header)
         );
         let h = r.read_header(1 << 20, &mut idle).unwrap();
-        assert_eq!(h.len, 8 + 4096 + 5);
+        assert_eq!(h.len, 8 + rmc_staging::PAGE_BYTES as u64 + 5);
         let mut body = vec![0u8; h.len as usize];
         r.read_full(&mut body, "body", &mut idle).unwrap();
         assert_eq!(&body[..8], &index);
-        assert_eq!(&body[8 + 4096..], b"state");
+        assert_eq!(&body[8 + rmc_staging::PAGE_BYTES..], b"state");
         assert_eq!(r.next_message(&mut idle).unwrap(), commit);
         assert_eq!(
             r.next_message(&mut idle).unwrap(),
@@ -350,6 +425,41 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn an_epoch_sent_in_pieces_is_the_same_bytes_as_one_sent_whole() {
+        let header = EpochHeader {
+            epoch: 9,
+            kind: EpochKind::Checkpoint,
+            page_count: 2,
+            state_len: 3,
+        };
+        let index: Vec<u8> = [0u64, 0x1000]
+            .iter()
+            .flat_map(|a| a.to_le_bytes())
+            .collect();
+        let pages = vec![5u8; 2 * rmc_staging::PAGE_BYTES];
+        let state = b"abc";
+        let body_len = (index.len() + pages.len() + state.len()) as u64;
+        let mut pieces = FrameWriter::new(Vec::new());
+        let mut body = pieces.start_epoch(&header, body_len).unwrap();
+        body.send(&[&index]).unwrap();
+        for page in pages.chunks(rmc_staging::PAGE_BYTES) {
+            body.send(&[page]).unwrap();
+        }
+        body.send(&[state]).unwrap();
+        let checksum = body.finish().unwrap();
+        assert_eq!(checksum, wire::checksum(&[&index, &pages, state]));
+        let mut whole = FrameWriter::new(Vec::new());
+        whole
+            .send_epoch(
+                &header,
+                &[&index, &pages, state],
+                &Message::Commit { epoch: 9, checksum },
+            )
+            .unwrap();
+        assert_eq!(pieces.inner, whole.inner);
     }
 
     #[test]
@@ -377,9 +487,12 @@ mod tests {
             step: 1,
             flip: false,
         });
-        let err = r
-            .next_message(&mut |_| Err("peer silent".to_string()))
-            .unwrap_err();
+        #[derive(Debug, thiserror::Error)]
+        #[error("peer silent")]
+        struct Silent;
+        let err = r.next_message(&mut |_| Err(Silent.into())).unwrap_err();
+        assert!(err.aborted_by::<Silent>().is_some(), "{err:?}");
+        // The callback's error shows through unchanged.
         assert_eq!(err.to_string(), "peer silent");
     }
 }

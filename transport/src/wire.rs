@@ -79,6 +79,9 @@
 //! was acknowledged, which is after the standby applied it, so the standby's slot `i` is free
 //! whenever the primary writes into it (the standby still checks, and refuses otherwise).
 
+/// The only page size the protocol speaks (the guest's, `rmc_guest_api::PAGE_SIZE`).
+const PAGE_SIZE: u64 = rmc_staging::PAGE_BYTES as u64;
+
 /// Bytes in a frame header: `type u8 | reserved [u8; 7] (zero) | len u64 LE`.
 pub const FRAME_HEADER_LEN: usize = 16;
 /// First bytes of a Hello payload.
@@ -712,10 +715,10 @@ impl Layout {
     /// it is the standby's own check.)
     pub fn validate(&self) -> Result<(), WireError> {
         let bad = |field, value: String| Err(WireError::Field { field, value });
-        if self.page_size != 4096 {
+        if u64::from(self.page_size) != PAGE_SIZE {
             return bad(
                 "layout page size",
-                format!("{} (only 4096 is supported)", self.page_size),
+                format!("{} (only {PAGE_SIZE} is supported)", self.page_size),
             );
         }
         if self.regions.is_empty() || self.regions.len() > MAX_REGIONS {
@@ -728,7 +731,7 @@ impl Layout {
         let mut total = 0u64;
         for (i, &(base, len)) in self.regions.iter().enumerate() {
             let region_end = base.checked_add(len);
-            if len == 0 || base % 4096 != 0 || len % 4096 != 0 || region_end.is_none() {
+            if len == 0 || base % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || region_end.is_none() {
                 return bad(
                     "layout region",
                     format!("{i}: {base:#x}+{len:#x} (must be non-empty and page aligned)"),
@@ -752,13 +755,13 @@ impl Layout {
                 format!("{} (1 to {MAX_VCPUS})", self.vcpus),
             );
         }
-        if self.slot_pages == 0 || u64::from(self.slot_pages) > total / 4096 {
+        if self.slot_pages == 0 || u64::from(self.slot_pages) > total / PAGE_SIZE {
             return bad(
                 "layout slot size",
                 format!(
                     "{} pages (1 to the guest's {} pages)",
                     self.slot_pages,
-                    total / 4096
+                    total / PAGE_SIZE
                 ),
             );
         }

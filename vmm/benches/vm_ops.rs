@@ -43,7 +43,7 @@ fn pause_resume(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let t = Instant::now();
-                    vm.pause();
+                    vm.pause().expect("pause");
                     vm.resume();
                     total += t.elapsed();
                     // Let the vCPUs get back into the guest before the next pause.
@@ -78,7 +78,7 @@ fn harvest(c: &mut Criterion) {
                     while vm.dirtier_progress(0) < start + PAGES + 1 {
                         std::thread::sleep(Duration::from_micros(500));
                     }
-                    vm.pause();
+                    vm.pause().expect("pause");
                     let t = Instant::now();
                     let set = vm.harvest_dirty().expect("harvest");
                     total += t.elapsed();

@@ -4,7 +4,7 @@
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs, CpuId};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::layout::{GDT_ADDR, PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR};
+use crate::layout::{GDT_ADDR, PAGE_SIZE, PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR};
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_MP: u64 = 1 << 1;
@@ -37,7 +37,7 @@ pub fn write_boot_tables<M: GuestMemory>(mem: &M) -> Result<(), vm_memory::Guest
     }
     mem.write_obj(PDPT_ADDR | PTE_PRESENT | PTE_RW, GuestAddress(PML4_ADDR))?;
     for gib in 0..PD_COUNT {
-        let pd = PD_ADDR + gib * 0x1000;
+        let pd = PD_ADDR + gib * PAGE_SIZE;
         mem.write_obj(pd | PTE_PRESENT | PTE_RW, GuestAddress(PDPT_ADDR + gib * 8))?;
         let entries: Vec<u8> = (0..512u64)
             .flat_map(|i| {

@@ -43,6 +43,9 @@ use iced_x86::BlockEncoderOptions;
 
 use crate::layout::{self, config, ports, ring, status};
 
+/// log2 of the page size: the dirtier turns a page index into an offset with it.
+const PAGE_SHIFT: u32 = layout::PAGE_SIZE.trailing_zeros();
+
 /// Magic of a counter request.
 pub const REQUEST_MAGIC: u32 = 0x5152_4d52; // "RMRQ"
 /// Magic of a counter reply.
@@ -450,7 +453,7 @@ fn emit_dirtier(a: &mut CodeAssembler, idle_loop: CodeLabel) -> Result<(), IcedE
 
     a.set_label(&mut write)?;
     a.mov(rax, r12)?;
-    a.shl(rax, 12)?;
+    a.shl(rax, PAGE_SHIFT)?;
     a.add(rax, r8)?;
     a.add(rax, rdi)?;
     // xmm2 += (1, 3), through the stack.

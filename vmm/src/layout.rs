@@ -24,8 +24,9 @@
 //! region at 4 GiB, leaving the usual hole below 4 GiB free for the architecture (TSS and
 //! identity-map pages on Intel, the LAPIC).
 
-/// Size of a guest page and of the dirty-tracking granule.
-pub use rmc_guest_api::PAGE_SIZE;
+/// Size of a guest page and of the dirty-tracking granule ([`PAGE_BYTES`]: the same as a
+/// `usize`).
+pub use rmc_guest_api::{PAGE_BYTES, PAGE_SIZE};
 
 /// Global descriptor table.
 pub const GDT_ADDR: u64 = 0x1000;
@@ -106,8 +107,14 @@ pub mod ports {
     pub const NIC_RX_WAIT: u16 = NIC_BASE + 0x14;
     /// Block until the TX used index differs from the value written (or a short timeout).
     pub const NIC_TX_WAIT: u16 = NIC_BASE + 0x18;
+    /// Ports the NIC decodes, from [`NIC_BASE`].
+    pub const NIC_PORTS: u16 = 0x1c;
+    /// Guest control block base: [`SLEEP_US`], [`IDLE`], [`GUEST_PANIC`].
+    pub const CONTROL_BASE: u16 = 0x620;
+    /// Ports the guest control block decodes, from [`CONTROL_BASE`].
+    pub const CONTROL_PORTS: u16 = 0xc;
     /// Sleep for the number of microseconds written (at most one second), or until paused.
-    pub const SLEEP_US: u16 = 0x620;
+    pub const SLEEP_US: u16 = CONTROL_BASE;
     /// Nothing to do: block for a while (the vCPU stays pausable).
     pub const IDLE: u16 = 0x624;
     /// The guest hit an internal error; the value is an error code. The vCPU stops.

@@ -6,9 +6,13 @@
 //! - [`layout`]: guest physical memory layout and port map (the guest/VMM contract);
 //! - [`arch`]: long-mode boot state (identity map, GDT, SSE on);
 //! - [`guest`]: the guest program (counter service, dirtier, idle), generated with iced-x86;
-//! - [`nic`]: the paravirtual NIC (rings in guest memory, UDP on the host side);
-//! - [`vm`]: the [`Vm`]: create, boot, pause/resume, save/restore, harvest dirty pages;
-//! - [`state`]: the versioned vCPU + device state a checkpoint carries;
+//! - [`bus`]: the port I/O and MMIO buses: address ranges mapped to devices;
+//! - [`nic`]: the paravirtual NIC (rings in guest memory, UDP on the host side); the console
+//!   and the guest control ports are the other devices on the port bus;
+//! - [`vm`]: the [`Vm`]: create, boot, pause/resume (with a deadline), save/restore, harvest
+//!   dirty pages;
+//! - [`state`]: the vCPU + device state a checkpoint carries, put together from the parts'
+//!   own versioned states ([`persist`]);
 //! - [`dirty`]: KVM dirty log UNION vm-memory's bitmap, with put-back;
 //! - [`service`]: host-side codec and UDP client of the counter protocol.
 //!
@@ -17,11 +21,13 @@
 //! knows about checkpoints travelling anywhere, and it links no transport.
 
 pub mod arch;
+pub mod bus;
 mod devices;
 pub mod dirty;
 pub mod guest;
 pub mod layout;
 pub mod nic;
+pub mod persist;
 pub mod service;
 pub mod state;
 mod vcpu;
@@ -29,8 +35,11 @@ pub mod vm;
 
 pub use dirty::DirtyTracker;
 pub use rmc_guest_api::DirtySet;
-pub use state::VmState;
-pub use vm::{DirtierConfig, GuestStatus, RestoreCheck, Vm, VmConfig, VmError, Workload};
+pub use state::{DeviceStates, VmState};
+pub use vm::{
+    DirtierConfig, GuestStatus, RestoreCheck, Vm, VmConfig, VmError, Workload,
+    DEFAULT_PAUSE_DEADLINE,
+};
 
 /// Guest memory: vm-memory's mmap backend with a dirty bitmap per region, so every write the
 /// VMM makes through it is tracked.

@@ -1,20 +1,39 @@
 //! Checkpointable VM state: everything besides guest memory that a VM needs to continue
 //! exactly where it stopped, on another KVM VM, process or host.
 //!
-//! Serialized as `MAGIC | version u32 LE | postcard(VmState)`. The version is bumped on every
-//! change of the layout below; a decoder refuses any other version with an error naming both.
+//! A [`VmState`] is put together from the parts of the VM, each with its own state type,
+//! save/restore code and encoding version ([`crate::persist`]): one [`VcpuState`] per vCPU
+//! (saved by `vcpu.rs`) and the [`DeviceStates`] (each device's own, saved by the device).
+//!
+//! ```text
+//! MAGIC "RMCS" | VERSION u32 LE | postcard(body)
+//! body     = mem_size u64 (varint) | vcpus: seq of section | devices: seq of section
+//! section  = name str | version u32 (varint) | bytes (length-prefixed): postcard(the part's state)
+//! ```
+//!
+//! [`VERSION`] covers the framing and the set of parts; each section carries its part's own
+//! version ([`Versioned::VERSION`]). A decoder refuses another [`VERSION`], another version of
+//! any part (naming the part and both versions), an unknown, missing or repeated device,
+//! truncated input and trailing bytes. Lengths inside are bounded by the input itself, so
+//! hostile input cannot make it allocate much more than its own size.
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
 use serde::{Deserialize, Serialize};
 
+pub use crate::devices::console::ConsoleState;
 use crate::nic::NicState;
+use crate::persist::{self, Section, Versioned};
 
 /// First bytes of an encoded [`VmState`].
 pub const MAGIC: [u8; 4] = *b"RMCS";
-/// Current encoding version.
-pub const VERSION: u32 = 1;
+/// Current encoding version of the whole (framing and set of parts). Version 1 was one
+/// postcard struct; version 2 has a versioned section per vCPU and per device.
+pub const VERSION: u32 = 2;
+
+/// Words in the XSAVE area a vCPU state carries (the classic 4 KiB `kvm_xsave`).
+pub const XSAVE_WORDS: usize = 1024;
 
 /// State of one vCPU.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,27 +58,91 @@ pub struct VcpuState {
     pub mp_state: kvm_mp_state,
 }
 
-/// Console state: partial lines not yet logged, per vCPU.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ConsoleState {
-    /// Bytes after the last newline, per vCPU.
-    pub partial: Vec<Vec<u8>>,
+impl Versioned for VcpuState {
+    const NAME: &'static str = "vcpu";
+    const VERSION: u32 = 1;
+
+    fn check(&self) -> Result<(), String> {
+        if self.xsave.len() != XSAVE_WORDS {
+            return Err(format!(
+                "XSAVE area has {} words, expected {XSAVE_WORDS}",
+                self.xsave.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
-/// Everything except guest memory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmState {
-    /// Guest memory size in bytes (a restore must use the same).
-    pub mem_size: u64,
-    /// One entry per vCPU.
-    pub vcpus: Vec<VcpuState>,
+/// The saved state of every device of the VM, one field per device. Each is encoded as its
+/// own section, with the device's own version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceStates {
     /// The NIC.
     pub nic: NicState,
     /// The console.
     pub console: ConsoleState,
 }
 
-/// An encoded state could not be decoded.
+impl DeviceStates {
+    /// The devices' sections' bytes, in encoding order.
+    fn encode(&self) -> [(&'static str, u32, Vec<u8>); 2] {
+        fn part<S: Versioned>(s: &S) -> (&'static str, u32, Vec<u8>) {
+            (S::NAME, S::VERSION, persist::to_bytes(s))
+        }
+        [part(&self.nic), part(&self.console)]
+    }
+
+    /// Each known device exactly once, in any order.
+    fn decode(sections: &[Section<'_>]) -> Result<Self, StateError> {
+        fn take<S: Versioned>(
+            slot: &mut Option<S>,
+            section: &Section<'_>,
+        ) -> Result<(), StateError> {
+            if slot.is_some() {
+                return Err(StateError::DuplicateDevice(S::NAME));
+            }
+            *slot = Some(section.decode(&format_args!("device {}", S::NAME))?);
+            Ok(())
+        }
+        let mut nic = None;
+        let mut console = None;
+        for section in sections {
+            if section.name == NicState::NAME {
+                take(&mut nic, section)?;
+            } else if section.name == ConsoleState::NAME {
+                take(&mut console, section)?;
+            } else {
+                return Err(StateError::UnknownDevice(persist::shorten(section.name)));
+            }
+        }
+        Ok(DeviceStates {
+            nic: nic.ok_or(StateError::MissingDevice(NicState::NAME))?,
+            console: console.ok_or(StateError::MissingDevice(ConsoleState::NAME))?,
+        })
+    }
+
+    /// [`Versioned::check`] of every device.
+    fn check(&self) -> Result<(), StateError> {
+        fn one<S: Versioned>(s: &S) -> Result<(), StateError> {
+            persist::check(s, &format_args!("device {}", S::NAME))
+        }
+        one(&self.nic)?;
+        one(&self.console)
+    }
+}
+
+/// Everything except guest memory.
+#[derive(Debug, Clone)]
+pub struct VmState {
+    /// Guest memory size in bytes (a restore must use the same).
+    pub mem_size: u64,
+    /// One entry per vCPU.
+    pub vcpus: Vec<VcpuState>,
+    /// The devices.
+    pub devices: DeviceStates,
+}
+
+/// An encoded state could not be decoded, or a decoded one cannot be restored.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// Input too short or not starting with [`MAGIC`].
@@ -71,26 +154,92 @@ pub enum StateError {
         /// Version found in the header.
         found: u32,
     },
-    /// The body did not decode.
+    /// The body (the framing of the sections) did not decode.
     #[error("VM state body is malformed")]
     Body(#[source] postcard::Error),
+    /// A part (a vCPU, a device) was saved with another version of its encoding.
+    #[error("The saved state of {part} has version {found}; this build restores version {supported} of it only")]
+    PartVersion {
+        /// Which part: "vCPU 1", "device nic".
+        part: String,
+        /// Version found in its section.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// A part's bytes did not decode.
+    #[error("The saved state of {part} is malformed")]
+    PartBody {
+        /// Which part.
+        part: String,
+        /// The error.
+        #[source]
+        source: postcard::Error,
+    },
+    /// A part's state decoded but is not one it could have saved.
+    #[error("The saved state of {part} cannot be restored: {reason}")]
+    Invalid {
+        /// Which part.
+        part: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A section names a device this build does not have.
+    #[error("VM state holds a device this build does not know: {0:?}")]
+    UnknownDevice(String),
+    /// A device of this build has no section.
+    #[error("VM state has no state for device {0}")]
+    MissingDevice(&'static str),
+    /// A device has two sections.
+    #[error("VM state holds two states for device {0}")]
+    DuplicateDevice(&'static str),
     /// The state does not fit the VM it is restored into.
     #[error("VM state does not fit this VM: {0}")]
     Mismatch(String),
 }
 
+#[derive(Serialize, Deserialize)]
+struct Body<'a> {
+    mem_size: u64,
+    #[serde(borrow)]
+    vcpus: Vec<Section<'a>>,
+    #[serde(borrow)]
+    devices: Vec<Section<'a>>,
+}
+
 impl VmState {
     /// Encodes the state with its header.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + 8192 * self.vcpus.len());
+        let vcpus: Vec<Vec<u8>> = self.vcpus.iter().map(persist::to_bytes).collect();
+        let devices = self.devices.encode();
+        let body = Body {
+            mem_size: self.mem_size,
+            vcpus: vcpus.iter().map(|d| Section::of::<VcpuState>(d)).collect(),
+            devices: devices
+                .iter()
+                .map(|(name, version, data)| Section {
+                    name,
+                    version: *version,
+                    data,
+                })
+                .collect(),
+        };
+        let parts: usize = vcpus
+            .iter()
+            .chain(devices.iter().map(|d| &d.2))
+            .map(Vec::len)
+            .sum();
+        let mut out = Vec::with_capacity(64 + parts);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         // Encoding into a Vec only fails for types serde cannot express; ours all can.
-        postcard::to_io(self, &mut out).expect("VmState is always serializable");
+        postcard::to_io(&body, &mut out).expect("VmState is always serializable");
         out
     }
 
-    /// Decodes a state, refusing other versions and trailing garbage.
+    /// Decodes a state, refusing other versions (of the whole or of any part), unknown,
+    /// missing or repeated devices, and trailing garbage. It does not check that the parts
+    /// can be restored: see [`VmState::check`].
     pub fn decode(bytes: &[u8]) -> Result<Self, StateError> {
         if bytes.len() < 8 || bytes[..4] != MAGIC {
             return Err(StateError::BadMagic);
@@ -99,14 +248,33 @@ impl VmState {
         if found != VERSION {
             return Err(StateError::Version { found });
         }
-        let (state, rest) = postcard::take_from_bytes(&bytes[8..]).map_err(StateError::Body)?;
+        let (body, rest): (Body<'_>, _) =
+            postcard::take_from_bytes(&bytes[8..]).map_err(StateError::Body)?;
         if !rest.is_empty() {
             return Err(StateError::Mismatch(format!(
                 "{} bytes of trailing data after the state",
                 rest.len()
             )));
         }
-        Ok(state)
+        let vcpus = body
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.decode(&format_args!("vCPU {i}")))
+            .collect::<Result<_, _>>()?;
+        Ok(VmState {
+            mem_size: body.mem_size,
+            vcpus,
+            devices: DeviceStates::decode(&body.devices)?,
+        })
+    }
+
+    /// Every part's own checks ([`Versioned::check`]): what a restore refuses whatever the VM.
+    pub fn check(&self) -> Result<(), StateError> {
+        for (i, v) in self.vcpus.iter().enumerate() {
+            persist::check(v, &format_args!("vCPU {i}"))?;
+        }
+        self.devices.check()
     }
 }
 
@@ -136,13 +304,15 @@ mod tests_support {
                 events: kvm_vcpu_events::default(),
                 mp_state: kvm_mp_state::default(),
             }],
-            nic: NicState {
-                size: 64,
-                rx_used: 9,
-                ..Default::default()
-            },
-            console: ConsoleState {
-                partial: vec![b"abc".to_vec()],
+            devices: DeviceStates {
+                nic: NicState {
+                    size: 64,
+                    rx_used: 9,
+                    ..Default::default()
+                },
+                console: ConsoleState {
+                    partial: vec![b"abc".to_vec()],
+                },
             },
         }
     }
@@ -160,20 +330,21 @@ mod tests {
         assert_eq!(back.vcpus[0].regs.rax, 42);
         assert_eq!(back.vcpus[0].xsave[7], 0xdead_beef);
         assert_eq!(back.vcpus[0].msrs, s.vcpus[0].msrs);
-        assert_eq!(back.nic, s.nic);
-        assert_eq!(back.console, s.console);
+        assert_eq!(back.devices, s.devices);
         assert_eq!(back.encode(), s.encode());
+        back.check().unwrap();
     }
 
     #[test]
     fn refuses_bad_input() {
         let enc = sample().encode();
         assert!(matches!(VmState::decode(b"RMC"), Err(StateError::BadMagic)));
-        let mut v2 = enc.clone();
-        v2[4] = 2;
-        let err = VmState::decode(&v2).unwrap_err();
-        assert!(matches!(err, StateError::Version { found: 2 }));
-        assert!(err.to_string().contains("version 2"));
+        // Version 1, the encoding before per-part versions, is refused by its number.
+        let mut v1 = enc.clone();
+        v1[4] = 1;
+        let err = VmState::decode(&v1).unwrap_err();
+        assert!(matches!(err, StateError::Version { found: 1 }));
+        assert!(err.to_string().contains("version 1"));
         assert!(matches!(
             VmState::decode(&enc[..enc.len() - 10]),
             Err(StateError::Body(_))
@@ -184,6 +355,194 @@ mod tests {
             VmState::decode(&long),
             Err(StateError::Mismatch(_))
         ));
+        // Every proper prefix is refused.
+        for cut in 0..enc.len() {
+            assert!(
+                VmState::decode(&enc[..cut]).is_err(),
+                "prefix of {cut} bytes"
+            );
+        }
+    }
+
+    /// Encodes a body built by hand (sections of any name, version and bytes).
+    fn encode_body(mem_size: u64, vcpus: &[Section<'_>], devices: &[Section<'_>]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        let body = Body {
+            mem_size,
+            vcpus: vcpus.to_vec(),
+            devices: devices.to_vec(),
+        };
+        out.extend(postcard::to_allocvec(&body).unwrap());
+        out
+    }
+
+    #[test]
+    fn refuses_other_part_versions_naming_the_part() {
+        let s = sample();
+        let vcpu = persist::to_bytes(&s.vcpus[0]);
+        let nic = persist::to_bytes(&s.devices.nic);
+        let console = persist::to_bytes(&s.devices.console);
+        let good = [
+            Section::of::<NicState>(&nic),
+            Section::of::<ConsoleState>(&console),
+        ];
+        let vcpus = [Section::of::<VcpuState>(&vcpu)];
+        // By hand, the same bytes as `encode`; the devices may come in any order.
+        assert_eq!(encode_body(s.mem_size, &vcpus, &good), s.encode());
+        let swapped = encode_body(s.mem_size, &vcpus, &[good[1], good[0]]);
+        assert_eq!(VmState::decode(&swapped).unwrap().encode(), s.encode());
+
+        let nic_v9 = Section {
+            version: 9,
+            ..good[0]
+        };
+        let err =
+            VmState::decode(&encode_body(s.mem_size, &vcpus, &[nic_v9, good[1]])).unwrap_err();
+        assert!(
+            matches!(&err, StateError::PartVersion { part, found: 9, supported } if part == "device nic" && *supported == NicState::VERSION),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "The saved state of device nic has version 9; this build restores version {} of it only",
+                NicState::VERSION
+            )
+        );
+        let vcpu_v0 = Section {
+            version: 0,
+            ..vcpus[0]
+        };
+        let err =
+            VmState::decode(&encode_body(s.mem_size, &[vcpus[0], vcpu_v0], &good)).unwrap_err();
+        assert!(
+            err.to_string().contains("state of vCPU 1 has version 0"),
+            "{err}"
+        );
+        // A device's bytes that do not decode, a vCPU list holding a device.
+        let err = VmState::decode(&encode_body(
+            s.mem_size,
+            &vcpus,
+            &[
+                Section {
+                    data: &[],
+                    ..good[0]
+                },
+                good[1],
+            ],
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(&err, StateError::PartBody { part, .. } if part == "device nic"),
+            "{err:?}"
+        );
+        let err = VmState::decode(&encode_body(s.mem_size, &[good[0]], &good)).unwrap_err();
+        assert!(
+            err.to_string().contains("vCPU 0 holds a state of \"nic\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_missing_and_repeated_devices() {
+        let s = sample();
+        let vcpu = persist::to_bytes(&s.vcpus[0]);
+        let vcpus = [Section::of::<VcpuState>(&vcpu)];
+        let nic = persist::to_bytes(&s.devices.nic);
+        let console = persist::to_bytes(&s.devices.console);
+        let (nic, console) = (
+            Section::of::<NicState>(&nic),
+            Section::of::<ConsoleState>(&console),
+        );
+        let decode = |devices: &[Section<'_>]| {
+            VmState::decode(&encode_body(s.mem_size, &vcpus, devices)).unwrap_err()
+        };
+        let serial = Section {
+            name: "serial",
+            version: 1,
+            data: &[],
+        };
+        let err = decode(&[nic, serial, console]);
+        assert!(
+            matches!(&err, StateError::UnknownDevice(n) if n == "serial"),
+            "{err:?}"
+        );
+        assert!(matches!(
+            decode(&[nic]),
+            StateError::MissingDevice("console")
+        ));
+        assert!(matches!(
+            decode(&[console]),
+            StateError::MissingDevice("nic")
+        ));
+        assert!(matches!(decode(&[]), StateError::MissingDevice("nic")));
+        assert!(matches!(
+            decode(&[nic, console, nic]),
+            StateError::DuplicateDevice("nic")
+        ));
+    }
+
+    #[test]
+    fn hostile_lengths_are_refused_without_allocating_them() {
+        // Counts and lengths far beyond the input: each is refused as truncated input.
+        let header = |body: &[u8]| {
+            let mut v = MAGIC.to_vec();
+            v.extend_from_slice(&VERSION.to_le_bytes());
+            v.extend_from_slice(body);
+            v
+        };
+        let huge = [0xff, 0xff, 0xff, 0xff, 0x0f]; // varint u32::MAX
+        for body in [
+            [&[0u8][..], &huge].concat(),                      // 2^32 vCPU sections
+            [&[0u8, 0][..], &huge].concat(),                   // 2^32 devices
+            [&[0u8, 1, 4][..], b"vcpu", &[1], &huge].concat(), // a 4 GiB vCPU section
+            [&[0u8, 0, 1, 3][..], b"nic", &[1], &huge].concat(), // a 4 GiB NIC section
+            [&[0u8, 1, 0xff, 0xff, 0xff, 0xff, 0x0f][..]].concat(), // a 4 GiB name
+        ] {
+            let err = VmState::decode(&header(&body)).unwrap_err();
+            assert!(matches!(err, StateError::Body(_)), "{err:?}");
+        }
+        // A section whose xsave claims 2^32 words.
+        let mut vcpu = postcard::to_allocvec(&Vec::<kvm_cpuid_entry2>::new()).unwrap();
+        vcpu.extend(postcard::to_allocvec(&kvm_regs::default()).unwrap());
+        vcpu.extend(postcard::to_allocvec(&kvm_sregs::default()).unwrap());
+        vcpu.extend_from_slice(&huge);
+        let s = sample();
+        let nic = persist::to_bytes(&s.devices.nic);
+        let console = persist::to_bytes(&s.devices.console);
+        let bytes = encode_body(
+            s.mem_size,
+            &[Section::of::<VcpuState>(&vcpu)],
+            &[
+                Section::of::<NicState>(&nic),
+                Section::of::<ConsoleState>(&console),
+            ],
+        );
+        let err = VmState::decode(&bytes).unwrap_err();
+        assert!(
+            matches!(&err, StateError::PartBody { part, .. } if part == "vCPU 0"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn checks_name_the_part_that_cannot_be_restored() {
+        let mut s = sample();
+        s.vcpus.push(s.vcpus[0].clone());
+        s.vcpus[1].xsave.pop();
+        let err = s.check().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "The saved state of vCPU 1 cannot be restored: XSAVE area has 1023 words, expected 1024"
+        );
+        let mut s = sample();
+        s.devices.nic.size = 129;
+        let err = s.check().unwrap_err();
+        assert!(
+            matches!(&err, StateError::Invalid { part, .. } if part == "device nic"),
+            "{err:?}"
+        );
     }
 }
 
@@ -213,7 +572,7 @@ mod restore_check_tests {
         let small = crate::layout::ram_regions(512 << 20);
         assert!(err(&good.encode(), 1, &small).contains("bytes of memory"));
         let mut ring = good.clone();
-        ring.nic.size = 4096;
+        ring.devices.nic.size = 4096;
         assert!(err(&ring.encode(), 1, &regions).contains("NIC ring of 4096 entries"));
         // Guests this VMM does not build.
         let guest_err = |vcpus: u32, regions: &[(u64, u64)]| {

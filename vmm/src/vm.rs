@@ -14,12 +14,13 @@ use tracing::{debug, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch;
+use crate::bus::{BusDevice, BusError};
 use crate::devices::Devices;
 use crate::dirty::{DirtyTracker, HarvestError};
 use crate::guest::GuestProgram;
 use crate::layout::{self, config, status};
 use crate::nic::Nic;
-use crate::state::{VcpuState, VmState};
+use crate::state::VmState;
 use crate::vcpu::{install_kick_handler, RunControl, VcpuHandle};
 use crate::GuestMem;
 use rmc_guest_api::{DirtySet, GuestError};
@@ -28,6 +29,11 @@ use rmc_guest_api::{DirtySet, GuestError};
 pub const MAX_VCPUS: usize = 4;
 /// Default guest memory size.
 pub const DEFAULT_MEM_SIZE: u64 = 256 << 20;
+/// How long [`Vm::pause`] waits for every vCPU to stop, unless [`Vm::set_pause_deadline`]
+/// says otherwise. vCPUs normally stop within tens of microseconds; a loaded machine can
+/// hold a thread back for hundreds of milliseconds, which this must not mistake for a stuck
+/// vCPU.
+pub const DEFAULT_PAUSE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// What one vCPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,9 +150,35 @@ pub enum VmError {
     /// Reading the dirty log failed.
     #[error(transparent)]
     Harvest(#[from] HarvestError),
+    /// Some vCPUs did not stop within the pause deadline. The pause was called off: every
+    /// vCPU that did stop runs again, so the VM is running, not half-paused.
+    #[error(
+        "{} did not stop within the pause deadline of {deadline:?} (waited {waited:?}); the pause was called off and the VM runs on",
+        vcpu_list(.vcpus)
+    )]
+    PauseTimeout {
+        /// The vCPUs that did not stop, ascending.
+        vcpus: Vec<usize>,
+        /// How long the pause waited.
+        waited: Duration,
+        /// The deadline it had.
+        deadline: Duration,
+    },
+    /// A device could not be put on its bus.
+    #[error(transparent)]
+    Bus(#[from] BusError),
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+/// "vCPU 1", "vCPUs 0, 2".
+fn vcpu_list(vcpus: &[usize]) -> String {
+    let list: Vec<String> = vcpus.iter().map(usize::to_string).collect();
+    match vcpus.len() {
+        1 => format!("vCPU {}", list[0]),
+        _ => format!("vCPUs {}", list.join(", ")),
+    }
+}
+
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
@@ -182,12 +214,23 @@ pub struct Vm {
     output: parking_lot::Mutex<Option<Arc<crate::nic::OutputCommit>>>,
     /// Fencing gate asked before each packet leaves (see [`Vm::set_send_gate`]).
     send_gate: parking_lot::Mutex<Option<crate::nic::SendGate>>,
+    /// See [`Vm::set_pause_deadline`].
+    pause_deadline: parking_lot::Mutex<Duration>,
 }
+
+/// A device put on the port bus beside the VM's own: (name, first port, ports, device).
+type ExtraDevice = (&'static str, u16, u16, Arc<dyn BusDevice>);
 
 impl Vm {
     /// Builds a VM and boots the guest program; the vCPUs start paused (call [`Vm::resume`]).
     pub fn new(config: &VmConfig) -> Result<Self, VmError> {
-        let vm = Self::create(config, None)?;
+        Self::boot(config, Vec::new())
+    }
+
+    /// [`Vm::new`] with more devices on the port bus (tests that need a device the guest
+    /// program does not have).
+    fn boot(config: &VmConfig, extra: Vec<ExtraDevice>) -> Result<Self, VmError> {
+        let vm = Self::create(config, None, extra)?;
         let program = GuestProgram::build()?;
         let mem = &vm.mem;
         arch::write_boot_tables(mem).map_err(VmError::Boot)?;
@@ -255,7 +298,7 @@ impl Vm {
         E: std::fmt::Display,
     {
         check_fits(config, state)?;
-        let vm = Self::create(config, None)?;
+        let vm = Self::create(config, None, Vec::new())?;
         fill(&vm.mem).map_err(|e| VmError::Config(format!("cannot fill guest memory: {e}")))?;
         vm.load_state(state)?;
         Ok(vm)
@@ -265,23 +308,25 @@ impl Vm {
     /// saved `state`. The vCPUs start paused (call [`Vm::resume`]).
     pub fn restore_on(config: &VmConfig, state: &VmState, mem: GuestMem) -> Result<Self, VmError> {
         check_fits(config, state)?;
-        let vm = Self::create(config, Some(mem))?;
+        let vm = Self::create(config, Some(mem), Vec::new())?;
         vm.load_state(state)?;
         Ok(vm)
     }
 
     fn load_state(&self, state: &VmState) -> Result<(), VmError> {
-        let vm = self;
-        for (i, s) in state.vcpus.iter().enumerate() {
-            vm.set_vcpu_state(i, s)?;
+        for (i, (v, s)) in self.vcpus.iter().zip(&state.vcpus).enumerate() {
+            v.restore_state(i, s)?;
         }
-        vm.devices.nic.lock().set_state(state.nic.clone());
-        vm.devices.set_console_state(state.console.clone());
-        vm.dirty.clear(&vm.vm, &vm.mem)?;
+        self.devices.restore(&state.devices)?;
+        self.dirty.clear(&self.vm, &self.mem)?;
         Ok(())
     }
 
-    fn create(config: &VmConfig, mem: Option<GuestMem>) -> Result<Self, VmError> {
+    fn create(
+        config: &VmConfig,
+        mem: Option<GuestMem>,
+        extra: Vec<ExtraDevice>,
+    ) -> Result<Self, VmError> {
         validate(config)?;
         install_kick_handler().map_err(VmError::Threads)?;
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
@@ -348,7 +393,11 @@ impl Vm {
             None => None,
         };
         let nic = Nic::new(nic).map_err(VmError::Threads)?;
-        let devices = Arc::new(Devices::new(mem.clone(), nic, fds.len()));
+        let mut devices = Devices::new(mem.clone(), nic, fds.len())?;
+        for (name, base, len, device) in extra {
+            devices.pio.insert(name, base.into(), len.into(), device)?;
+        }
+        let devices = Arc::new(devices);
         let ctl = Arc::new(RunControl::new(fds.len()));
         let vcpus = fds
             .into_iter()
@@ -376,6 +425,7 @@ impl Vm {
             config: config.clone(),
             output: parking_lot::Mutex::new(None),
             send_gate: parking_lot::Mutex::new(None),
+            pause_deadline: parking_lot::Mutex::new(DEFAULT_PAUSE_DEADLINE),
         })
     }
 
@@ -401,10 +451,33 @@ impl Vm {
     }
 
     /// Stops all vCPUs; returns how long that took. Devices are quiet while paused.
-    pub fn pause(&self) -> Duration {
+    ///
+    /// Waits at most the pause deadline ([`DEFAULT_PAUSE_DEADLINE`], see
+    /// [`Vm::set_pause_deadline`]). A vCPU that has not stopped by then (stuck in a device,
+    /// or starved of CPU) makes it fail with [`VmError::PauseTimeout`], naming it; the pause
+    /// is then called off and every vCPU runs (none is left paused), so the caller decides
+    /// what to do.
+    pub fn pause(&self) -> Result<Duration, VmError> {
         let t = Instant::now();
-        self.ctl.pause(&self.vcpus);
-        t.elapsed()
+        let deadline = self.pause_deadline();
+        self.ctl
+            .pause(|i| self.vcpus[i].kick(), deadline)
+            .map_err(|e| VmError::PauseTimeout {
+                vcpus: e.vcpus,
+                waited: e.waited,
+                deadline,
+            })?;
+        Ok(t.elapsed())
+    }
+
+    /// How long [`Vm::pause`] waits for the vCPUs to stop from now on.
+    pub fn set_pause_deadline(&self, deadline: Duration) {
+        *self.pause_deadline.lock() = deadline;
+    }
+
+    /// How long [`Vm::pause`] waits for the vCPUs to stop.
+    pub fn pause_deadline(&self) -> Duration {
+        *self.pause_deadline.lock()
     }
 
     /// Lets all vCPUs run.
@@ -428,105 +501,22 @@ impl Vm {
     /// Saves vCPU and device state. The VM must be paused.
     pub fn save_state(&self) -> Result<VmState, VmError> {
         self.require_paused("saving state")?;
-        let vcpus = (0..self.vcpus.len())
-            .map(|i| self.vcpu_state(i))
+        let n = self.vcpus.len();
+        let vcpus = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                // The CPUID is what the VMM gave this vCPU; it never changes.
+                let cpuid = arch::vcpu_cpuid(&self.cpuid, i as u8, n as u8);
+                v.save_state(i, cpuid, &self.msr_list)
+            })
             .collect::<Result<_, _>>()?;
         Ok(VmState {
             mem_size: self.config.mem_size,
             vcpus,
-            nic: self.devices.nic.lock().state().clone(),
-            console: self.devices.console_state(),
+            devices: self.devices.save(),
         })
-    }
-
-    fn vcpu_state(&self, i: usize) -> Result<VcpuState, VmError> {
-        let fd = self.vcpus[i].fd.lock();
-        let mut msrs = Msrs::from_entries(
-            &self
-                .msr_list
-                .iter()
-                .map(|&index| kvm_bindings::kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                })
-                .collect::<Vec<_>>(),
-        )
-        .map_err(|_| VmError::Config("too many MSRs".into()))?;
-        let n = fd.get_msrs(&mut msrs).map_err(kvm_err("GET_MSRS"))?;
-        if n != self.msr_list.len() {
-            return Err(VmError::Msr {
-                vcpu: i,
-                index: self.msr_list[n],
-            });
-        }
-        Ok(VcpuState {
-            // The CPUID is what the VMM gave this vCPU; it never changes, so no ioctl here.
-            cpuid: arch::vcpu_cpuid(&self.cpuid, i as u8, self.vcpus.len() as u8)
-                .as_slice()
-                .to_vec(),
-            regs: fd.get_regs().map_err(kvm_err("GET_REGS"))?,
-            sregs: fd.get_sregs().map_err(kvm_err("GET_SREGS"))?,
-            xsave: fd
-                .get_xsave()
-                .map_err(kvm_err("GET_XSAVE"))?
-                .region
-                .to_vec(),
-            xcrs: fd.get_xcrs().map_err(kvm_err("GET_XCRS"))?,
-            debugregs: fd.get_debug_regs().map_err(kvm_err("GET_DEBUGREGS"))?,
-            msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
-            events: fd.get_vcpu_events().map_err(kvm_err("GET_VCPU_EVENTS"))?,
-            mp_state: fd.get_mp_state().map_err(kvm_err("GET_MP_STATE"))?,
-        })
-    }
-
-    fn set_vcpu_state(&self, i: usize, s: &VcpuState) -> Result<(), VmError> {
-        let fd = self.vcpus[i].fd.lock();
-        let cpuid = CpuId::from_entries(&s.cpuid)
-            .map_err(|_| VmError::Config("saved CPUID has too many entries".into()))?;
-        // Order as in Firecracker: CPUID, MP state, registers, XSAVE, XCRs, debug registers,
-        // MSRs, then events last (they may depend on the rest).
-        fd.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
-        fd.set_mp_state(s.mp_state)
-            .map_err(kvm_err("SET_MP_STATE"))?;
-        fd.set_regs(&s.regs).map_err(kvm_err("SET_REGS"))?;
-        fd.set_sregs(&s.sregs).map_err(kvm_err("SET_SREGS"))?;
-        let mut xsave = kvm_bindings::kvm_xsave::default();
-        if s.xsave.len() != xsave.region.len() {
-            return Err(crate::state::StateError::Mismatch(format!(
-                "XSAVE area has {} words, expected {}",
-                s.xsave.len(),
-                xsave.region.len()
-            ))
-            .into());
-        }
-        xsave.region.copy_from_slice(&s.xsave);
-        // SAFETY: `create` checked that this host's XSAVE area (KVM_CAP_XSAVE2) fits the
-        // 4 KiB `kvm_xsave`, so KVM reads no further than the struct we pass.
-        unsafe { fd.set_xsave(&xsave) }.map_err(kvm_err("SET_XSAVE"))?;
-        fd.set_xcrs(&s.xcrs).map_err(kvm_err("SET_XCRS"))?;
-        fd.set_debug_regs(&s.debugregs)
-            .map_err(kvm_err("SET_DEBUGREGS"))?;
-        let entries: Vec<_> = s
-            .msrs
-            .iter()
-            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let msrs = Msrs::from_entries(&entries)
-            .map_err(|_| VmError::Config("saved state has too many MSRs".into()))?;
-        let n = fd.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
-        if n != entries.len() {
-            return Err(VmError::Msr {
-                vcpu: i,
-                index: entries[n].index,
-            });
-        }
-        fd.set_vcpu_events(&s.events)
-            .map_err(kvm_err("SET_VCPU_EVENTS"))?;
-        Ok(())
     }
 
     /// Pages written since the previous harvest, by the guest or by the VMM's devices. Call it
@@ -683,7 +673,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        self.ctl.exit(&self.vcpus);
+        self.ctl.exit(|i| self.vcpus[i].kick());
         for v in &mut self.vcpus {
             v.join();
         }
@@ -726,19 +716,13 @@ impl RestoreCheck {
     /// Whether `state` decodes and can be restored into a guest of that shape.
     pub fn check_state(state: &[u8], vcpus: u32, regions: &[(u64, u64)]) -> Result<(), VmError> {
         let state = VmState::decode(state)?;
-        check_fits(&Self::config(vcpus, regions), &state)?;
-        if state.nic.size > crate::nic::MAX_RING_SIZE {
-            return Err(crate::state::StateError::Mismatch(format!(
-                "NIC ring of {} entries (at most {})",
-                state.nic.size,
-                crate::nic::MAX_RING_SIZE
-            ))
-            .into());
-        }
-        Ok(())
+        check_fits(&Self::config(vcpus, regions), &state)
     }
 }
 
+/// Whether `state` can be restored into a VM built from `config`: the same memory size and
+/// vCPU count, and every part passes its own checks ([`VmState::check`]: a NIC ring the
+/// device accepts, a whole XSAVE area, ...).
 fn check_fits(config: &VmConfig, state: &VmState) -> Result<(), VmError> {
     if state.mem_size != config.mem_size {
         return Err(crate::state::StateError::Mismatch(format!(
@@ -755,7 +739,7 @@ fn check_fits(config: &VmConfig, state: &VmState) -> Result<(), VmError> {
         ))
         .into());
     }
-    Ok(())
+    Ok(state.check()?)
 }
 
 fn validate(c: &VmConfig) -> Result<(), VmError> {
@@ -848,8 +832,10 @@ impl rmc_guest_api::GuestRam for Vm {
 }
 
 impl rmc_guest_api::Pausable for Vm {
+    /// [`Vm::pause`]; its [`VmError::PauseTimeout`] names the vCPUs that did not stop (the
+    /// VM runs on).
     fn pause(&self) -> Result<Duration, GuestError> {
-        Ok(Vm::pause(self))
+        Ok(Vm::pause(self)?)
     }
 
     fn resume(&self) {
@@ -892,5 +878,146 @@ impl rmc_guest_api::OutputCommit for Vm {
         if let Some(g) = self.output.lock().as_ref() {
             g.release(epoch);
         }
+    }
+}
+
+#[cfg(test)]
+mod pause_deadline_tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::bus::{IoAction, IoContext};
+
+    /// Hang guard of every wait here, and how long the stuck device holds its vCPU at most:
+    /// were the pause deadline ignored, the pause would return `Ok` when this runs out, and
+    /// the test would fail (not hang).
+    const HANG_GUARD: Duration = Duration::from_secs(120);
+    /// A port no device of the VM uses.
+    const STUCK_PORT: u16 = 0x700;
+
+    /// A device whose write blocks, deaf to kicks, until the test releases it: the vCPU that
+    /// writes it cannot stop.
+    struct Stuck {
+        entered: parking_lot::Mutex<Option<mpsc::Sender<()>>>,
+        release: parking_lot::Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl BusDevice for Stuck {
+        fn write(&self, _: &IoContext<'_>, _: u64, _: &[u8]) -> IoAction {
+            if let Some(tx) = self.entered.lock().take() {
+                let _ = tx.send(());
+            }
+            let _ = self.release.lock().recv_timeout(HANG_GUARD);
+            IoAction::Continue
+        }
+    }
+
+    /// Writes `STUCK_PORT` once, then counts in vCPU `vcpu`'s status record (PROGRESS).
+    fn stuck_guest(base: u64, vcpu: u64) -> Vec<u8> {
+        use iced_x86::code_asm::*;
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(dx, u32::from(STUCK_PORT)).unwrap();
+        a.out(dx, al).unwrap();
+        a.mov(
+            rbx,
+            layout::STATUS_ADDR + vcpu * layout::VCPU_RECORD_SIZE + status::PROGRESS,
+        )
+        .unwrap();
+        let mut lp = a.create_label();
+        a.set_label(&mut lp).unwrap();
+        a.inc(qword_ptr(rbx)).unwrap();
+        a.jmp(lp).unwrap();
+        a.assemble(base).unwrap()
+    }
+
+    fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < HANG_GUARD,
+                "timed out waiting for {what} (a hang guard, not a speed requirement)"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn a_vcpu_that_cannot_stop_fails_the_pause_and_the_vm_runs_on() {
+        if !rmc_tests::kvm_available("a_vcpu_that_cannot_stop_fails_the_pause_and_the_vm_runs_on") {
+            return;
+        }
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel();
+        let stuck = Arc::new(Stuck {
+            entered: parking_lot::Mutex::new(Some(entered_tx)),
+            release: parking_lot::Mutex::new(release_rx),
+        });
+        let cfg = VmConfig {
+            mem_size: 64 << 20,
+            workloads: vec![
+                Workload::Dirtier(DirtierConfig {
+                    pages: 64,
+                    rate: 0,
+                    limit: 0,
+                }),
+                Workload::Idle,
+            ],
+            nic_addr: None,
+        };
+        let vm = Vm::boot(&cfg, vec![("stuck", STUCK_PORT, 1, stuck)]).unwrap();
+        let base = layout::CODE_ADDR + 0x1_8000;
+        vm.load_custom_entry(1, base, &stuck_guest(base, 1))
+            .unwrap();
+        assert_eq!(vm.pause_deadline(), DEFAULT_PAUSE_DEADLINE);
+        let deadline = Duration::from_millis(100);
+        vm.set_pause_deadline(deadline);
+        vm.resume();
+        entered_rx
+            .recv_timeout(HANG_GUARD)
+            .expect("vCPU 1 reached the stuck device (a hang guard)");
+
+        // Through the guest interface, as the epoch engine pauses.
+        let err = rmc_guest_api::Pausable::pause(&vm)
+            .expect_err("a pause must give up on a vCPU that cannot stop by its deadline");
+        let text = err.to_string();
+        match *err.downcast::<VmError>().expect("a VmError") {
+            VmError::PauseTimeout {
+                vcpus,
+                waited,
+                deadline: d,
+            } => {
+                assert_eq!(vcpus, vec![1]);
+                assert_eq!(d, deadline);
+                assert!(waited >= deadline, "waited {waited:?}");
+            }
+            other => panic!("not a pause timeout: {other}"),
+        }
+        assert!(text.starts_with("vCPU 1 did not stop"), "{text}");
+        // Not half-paused: vCPU 0 runs on, and nothing takes the VM for paused.
+        assert!(!vm.is_paused());
+        assert!(matches!(vm.save_state(), Err(VmError::NotPaused(_))));
+        let p = vm.dirtier_progress(0);
+        eventually("vCPU 0 runs after the failed pause", || {
+            vm.dirtier_progress(0) > p
+        });
+
+        // Released, vCPU 1 runs on too, and a pause succeeds.
+        release_tx.send(()).unwrap();
+        eventually("vCPU 1 runs after its device returned", || {
+            vm.dirtier_progress(1) > 0
+        });
+        vm.set_pause_deadline(HANG_GUARD);
+        vm.pause().unwrap();
+        let state = vm.save_state().unwrap();
+        assert_eq!(state.vcpus.len(), 2);
+        let (p0, p1) = (vm.dirtier_progress(0), vm.dirtier_progress(1));
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            (vm.dirtier_progress(0), vm.dirtier_progress(1)),
+            (p0, p1),
+            "a paused VM does not run"
+        );
+        vm.resume();
+        assert!(vm.stopped_vcpus().is_empty(), "{:?}", vm.stopped_vcpus());
     }
 }

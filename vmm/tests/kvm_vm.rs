@@ -106,7 +106,7 @@ fn snapshot_restore_continues_counter_and_dirtier() {
     assert_eq!(last.counter, 25);
     eventually("dirtier progress", || vm.dirtier_progress(1) > 1000);
 
-    vm.pause();
+    vm.pause().unwrap();
     let state = vm.save_state().unwrap();
     let image = vm.memory_image();
     let progress = vm.dirtier_progress(1);
@@ -133,6 +133,50 @@ fn snapshot_restore_continues_counter_and_dirtier() {
         vm.dirtier_progress(1) > progress + 500
     });
     assert!(vm.stopped_vcpus().is_empty(), "{:?}", vm.stopped_vcpus());
+}
+
+/// A restore takes each part's state through that part's own checks: a saved state that a
+/// device could never have produced is refused naming the device, before any VM is built;
+/// the state as saved restores.
+#[test]
+fn restore_refuses_a_device_state_naming_the_device() {
+    if !kvm_available("restore_refuses_a_device_state_naming_the_device") {
+        return;
+    }
+    init_logs();
+    let cfg = config(vec![Workload::Counter]);
+    let vm = Vm::new(&cfg).unwrap();
+    vm.resume();
+    let mut client = Client::new(vm.nic_addr().unwrap(), 8).unwrap();
+    assert_eq!(ask(&mut client, None).counter, 1);
+    vm.pause().unwrap();
+    let state = vm.save_state().unwrap();
+    let image = vm.memory_image();
+    drop(vm);
+    assert_eq!(state.devices.nic.size, layout::NIC_RING_SIZE);
+
+    let mut bad = VmState::decode(&state.encode()).unwrap();
+    bad.devices.nic.size = 3;
+    let err = Vm::restore(&cfg, &bad, |_| Ok::<_, std::convert::Infallible>(()))
+        .expect_err("a NIC ring of 3 entries is refused");
+    assert!(
+        matches!(
+            &err,
+            rmc_vmm::VmError::State(rmc_vmm::state::StateError::Invalid { part, .. })
+                if part == "device nic"
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("NIC ring of 3 entries"), "{err}");
+
+    // Restored as saved, but for the host address: the NIC's own (a new socket).
+    let vm = restore_from(&cfg, &state, &image);
+    let mut want = state.devices.clone();
+    want.nic.host_addr = vm.nic_addr();
+    assert_eq!(vm.save_state().unwrap().devices, want);
+    vm.resume();
+    let mut client = Client::new(vm.nic_addr().unwrap(), 8).unwrap();
+    assert_eq!(ask(&mut client, Some(2)).counter, 2);
 }
 
 /// Runs the counter with requests `seqs` and returns the replies.
@@ -164,7 +208,7 @@ fn restored_run_matches_uninterrupted_run() {
     eventually("dirtier reaches its limit", || {
         a.dirtier_progress(1) == LIMIT
     });
-    a.pause();
+    a.pause().unwrap();
     let results_a = guest_results(&a, 1);
     drop(a);
 
@@ -179,7 +223,7 @@ fn restored_run_matches_uninterrupted_run() {
         b.resume();
         let replies = requests(&b, 7, 1..=15);
         eventually("dirtier mid-way", || b.dirtier_progress(1) >= 1000);
-        b.pause();
+        b.pause().unwrap();
         let mid = b.dirtier_progress(1);
         if mid < LIMIT {
             break (replies, b.save_state().unwrap(), b.memory_image());
@@ -200,7 +244,7 @@ fn restored_run_matches_uninterrupted_run() {
     eventually("restored dirtier reaches its limit", || {
         c.dirtier_progress(1) == LIMIT
     });
-    c.pause();
+    c.pause().unwrap();
     let results_b = guest_results(&c, 1);
 
     assert_eq!(replies_a, replies_b, "replies differ between the two runs");
@@ -250,7 +294,7 @@ fn dirty_set_is_exactly_guest_writes_union_device_writes() {
     eventually("both workloads ready, dirtier done", || {
         vm.vcpu_ready(0) && vm.vcpu_ready(1) && vm.dirtier_progress(1) == WS_PAGES
     });
-    vm.pause();
+    vm.pause().unwrap();
 
     // Phase 1: everything since boot. VMM writes (boot tables, code, config) + guest init
     // writes (status records, stacks, NIC rings) + device writes (used indices) + the
@@ -276,7 +320,7 @@ fn dirty_set_is_exactly_guest_writes_union_device_writes() {
     vm.resume();
     let replies = requests(&vm, 99, 1..=3);
     assert_eq!(replies[2].counter, 3);
-    vm.pause();
+    vm.pause().unwrap();
     let got: BTreeSet<u64> = vm.harvest_dirty().unwrap().pages().map(|g| g.0).collect();
     let mut want: BTreeSet<u64> = [
         layout::TX_RING_ADDR,
@@ -451,7 +495,7 @@ fn dirty_set_is_exact_with_four_vcpus_and_the_nic_writing() {
         // Quiescent NIC: every frame delivered to the guest was answered and sent (a late
         // resend may still arrive; it is then delivered in a later epoch, and counted there).
         eventually("a pause with every delivered frame answered", || {
-            vm.pause();
+            vm.pause().unwrap();
             let s = vm.nic_stats();
             if s.rx_frames == s.tx_frames {
                 return true;
@@ -564,7 +608,7 @@ fn put_back_loses_no_page() {
     let vm = Vm::new(&cfg).unwrap();
     vm.resume();
     eventually("dirtier running", || vm.dirtier_progress(1) > 300);
-    vm.pause();
+    vm.pause().unwrap();
     vm.harvest_dirty().unwrap();
     // A full round over the working set after the harvest (counted from where the dirtier
     // was then, however late this thread paused it).
@@ -573,7 +617,7 @@ fn put_back_loses_no_page() {
     eventually("a full round of writes", || {
         vm.dirtier_progress(1) >= p1 + 256
     });
-    vm.pause();
+    vm.pause().unwrap();
     let first = vm.harvest_dirty().unwrap();
     assert!(
         first.len() >= 256,
@@ -584,7 +628,7 @@ fn put_back_loses_no_page() {
     vm.put_back_dirty(first.clone());
     vm.resume();
     requests(&vm, 5, 1..=2);
-    vm.pause();
+    vm.pause().unwrap();
     let second = vm.harvest_dirty().unwrap();
     for p in first.pages() {
         assert!(second.contains(p.0), "page {:#x} lost after put-back", p.0);
@@ -681,7 +725,7 @@ fn malformed_nic_descriptors_are_refused_and_guest_keeps_running() {
     eventually("guest keeps running", || vm.dirtier_progress(0) > 1000);
     let p = vm.dirtier_progress(0);
     eventually("guest still running", || vm.dirtier_progress(0) > p + 1000);
-    vm.pause();
+    vm.pause().unwrap();
     let stats = vm.nic_stats();
     assert_eq!(stats.tx_refused, 3);
     assert_eq!(stats.tx_frames, 1);
@@ -726,7 +770,7 @@ fn four_gib_guest_runs_and_tracks_both_regions() {
     vm.resume();
     assert_eq!(requests(&vm, 3, 1..=5)[4].counter, 5);
     eventually("dirtier done", || vm.dirtier_progress(1) == 1000);
-    vm.pause();
+    vm.pause().unwrap();
     vm.harvest_dirty().unwrap();
     // A device write at the very top of the high region is tracked.
     let top = (5u64 << 30) - 8;
