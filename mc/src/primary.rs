@@ -497,7 +497,13 @@ impl<'g, G: Guest> Primary<'g, G> {
                 sched.stop();
             }
             match sched.poll(now, self.ring.free_count() > 0) {
-                Step::Wait => self.process_events(self.wake_at(Some(&sched)))?,
+                Step::Wait => {
+                    let acked = self.core.last_acked();
+                    self.process_events(self.wake_at(Some(&sched)))?;
+                    if self.core.last_acked() != acked {
+                        sched.acked(Instant::now());
+                    }
+                }
                 Step::PeekDirty => {
                     // Let the epoch run, peeking at the dirty log to end it early.
                     let peeked = self.guest.harvest().map_err(PrimaryError::Guest)?;
