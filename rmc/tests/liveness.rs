@@ -4,18 +4,16 @@
 //! from threads of their own (the standby's while it applies multi-MiB sync epochs), and the
 //! default timeout is far above the scheduling delays measured on such a machine.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{init_logs, kvm_available};
 use rmc::restore::VmRestoreCheck;
 use rmc_mc::primary::{Primary, PrimaryConfig};
 use rmc_mc::protocol::Heartbeat;
 use rmc_mc::standby::{Standby, StandbyConfig};
 use rmc_mc::PAGE_SIZE;
+use rmc_tests::{init_logs, kvm_available};
 use rmc_vmm::{DirtierConfig, Vm, VmConfig, Workload};
 
 const SECRET: &[u8] = b"liveness under load test secret";

@@ -7,8 +7,6 @@
 //! The primary and the standby run on threads that return their outcome; every test joins
 //! them and checks it. Every wait has a deadline, and nothing waits by sleeping.
 
-mod common;
-
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -17,13 +15,13 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{init_logs, kvm_available, wait_for};
 use rmc_mc::primary::{Primary, PrimaryConfig, PrimaryError, PrimaryStats};
 use rmc_mc::protocol::{
     msg_type, refusal, Heartbeat, LayoutRule, ProtocolError, StandbyAction, StandbyCore,
 };
 use rmc_mc::standby::{error_chain, Standby, StandbyConfig};
 use rmc_mc::PAGE_SIZE;
+use rmc_tests::{init_logs, kvm_available, wait_for};
 use rmc_transport::framing::{Abort, FrameReader, FrameWriter, LinkError};
 use rmc_transport::wire::{self, auth, EpochKind, Layout, Message, MsgType, MAX_STATE_LEN};
 use rmc_vmm::guest::STATUS_OK;

@@ -12,17 +12,15 @@
 //! `--ignored --exact`). Run with `--ignored` on a host without RDMA (or KVM) they fail, never
 //! pass.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{init_logs, kvm_available, wait_for};
 use rmc_mc::primary::{Primary, PrimaryConfig};
 use rmc_mc::protocol::Heartbeat;
 use rmc_mc::standby::{Standby, StandbyConfig};
 use rmc_mc::PAGE_SIZE;
 use rmc_staging::PAGE_BYTES;
+use rmc_tests::{init_logs, kvm_available, wait_for};
 use rmc_transport::link::{first_rdma_ip, Transport};
 use rmc_vmm::service::{Client, Reply};
 use rmc_vmm::{DirtierConfig, Vm, VmConfig, VmState, Workload};

@@ -291,3 +291,26 @@ pub fn kill_within(child: &mut Child, deadline: Duration, what: &str) -> bool {
     }
     gone
 }
+
+/// Polls `cond` every 2 ms until it holds, failing the test after `timeout` (a hang guard, not
+/// a speed requirement).
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Logs of the code under test, at `RUST_LOG` (default `warn`), into the test's output.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .try_init();
+}

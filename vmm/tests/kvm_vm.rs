@@ -4,13 +4,11 @@
 //! Nothing here is timed: every wait is a hang guard of minutes ([`HANG_GUARD`]), not a speed
 //! requirement.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use common::{init_logs, kvm_available, wait_for};
+use rmc_tests::{init_logs, kvm_available, wait_for};
 use rmc_vmm::layout::{self, PAGE_SIZE};
 use rmc_vmm::service::{Client, Reply};
 use rmc_vmm::{DirtierConfig, Vm, VmConfig, VmState, Workload};
