@@ -234,13 +234,7 @@ impl<W: Write> FrameWriter<W> {
                 .map(|p| IoSlice::new(p)),
         );
         slices.push(IoSlice::new(tail));
-        write_all_vectored(&mut self.inner, &mut slices)
-            .and_then(|()| self.inner.flush())
-            .map_err(stalled)
-            .map_err(|source| LinkError::Io {
-                what: "sending an epoch",
-                source,
-            })
+        write_epoch_slices(&mut self.inner, &mut slices)
     }
 
     /// Starts an epoch whose body is sent in pieces (one larger than any buffer of the
@@ -268,13 +262,7 @@ impl<W: Write> FrameWriter<W> {
     /// Writes raw bytes (pieces of an epoch sent in parts).
     pub fn send_raw(&mut self, parts: &[&[u8]]) -> Result<(), LinkError> {
         let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-        write_all_vectored(&mut self.inner, &mut slices)
-            .and_then(|()| self.inner.flush())
-            .map_err(stalled)
-            .map_err(|source| LinkError::Io {
-                what: "sending an epoch",
-                source,
-            })
+        write_epoch_slices(&mut self.inner, &mut slices)
     }
 }
 
@@ -324,6 +312,17 @@ fn stalled(e: io::Error) -> io::Error {
         ),
         _ => e,
     }
+}
+
+/// Writes every byte of `slices` (pieces of an epoch) and flushes.
+fn write_epoch_slices<W: Write>(w: &mut W, slices: &mut [IoSlice<'_>]) -> Result<(), LinkError> {
+    write_all_vectored(w, slices)
+        .and_then(|()| w.flush())
+        .map_err(stalled)
+        .map_err(|source| LinkError::Io {
+            what: "sending an epoch",
+            source,
+        })
 }
 
 fn write_all_vectored<W: Write>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
