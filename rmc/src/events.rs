@@ -159,6 +159,21 @@ pub enum Event {
         /// What the arbiter said.
         why: String,
     },
+    /// Warning. `rmc: the arbiter names another primary ({holder}); waiting up to {wait_ms} ms
+    /// for its lease to run out`: a primary going live found the VM's primary key held.
+    ArbiterWaiting {
+        /// Who holds the primary key.
+        holder: String,
+        /// How long it waits for that lease, milliseconds.
+        wait_ms: u64,
+    },
+    /// Warning. `rmc: FENCED: {why}; another host may serve the VM now: stopping this VM for
+    /// good (no output left it after its lease was uncertain)`: the primary's lease could not
+    /// be renewed in time, so it exits (status 3).
+    LeaseLost {
+        /// Why the lease is uncertain.
+        why: String,
+    },
 
     // ---- the standby ----
     /// `rmc: standby listening on {transport} {addr} ({why})`: the standby is ready for its
@@ -476,6 +491,8 @@ impl Event {
             Event::ProtectionRetry { .. }
                 | Event::StandbyLost { .. }
                 | Event::Fenced { .. }
+                | Event::ArbiterWaiting { .. }
+                | Event::LeaseLost { .. }
                 | Event::ClientInconsistent { .. }
         )
     }
@@ -590,6 +607,16 @@ impl fmt::Display for Event {
                 f,
                 "rmc: FENCED: lost the standby ({error}) and {why}: stopping this VM for good; \
                  its held output never left"
+            ),
+            Event::ArbiterWaiting { holder, wait_ms } => write!(
+                f,
+                "rmc: the arbiter names another primary ({holder}); waiting up to {wait_ms} ms \
+                 for its lease to run out"
+            ),
+            Event::LeaseLost { why } => write!(
+                f,
+                "rmc: FENCED: {why}; another host may serve the VM now: stopping this VM for \
+                 good (no output left it after its lease was uncertain)"
             ),
             Event::StandbyListening {
                 transport,
@@ -885,6 +912,21 @@ mod tests {
                  stopping this VM for good; its held output never left",
             ),
             (
+                Event::ArbiterWaiting {
+                    holder: "host-a".into(),
+                    wait_ms: 5000,
+                },
+                "rmc: the arbiter names another primary (host-a); waiting up to 5000 ms for its \
+                 lease to run out",
+            ),
+            (
+                Event::LeaseLost {
+                    why: "no lease renewal for 1.5 s".into(),
+                },
+                "rmc: FENCED: no lease renewal for 1.5 s; another host may serve the VM now: \
+                 stopping this VM for good (no output left it after its lease was uncertain)",
+            ),
+            (
                 Event::StandbyListening {
                     transport: Transport::Tcp,
                     addr: addr("127.0.0.1:7070"),
@@ -1178,12 +1220,13 @@ mod tests {
             .filter(|(e, _)| e.is_warning())
             .map(|(_, l)| l)
             .collect();
-        assert_eq!(warnings.len(), 5, "{warnings:#?}");
+        assert_eq!(warnings.len(), 7, "{warnings:#?}");
         assert!(warnings
             .iter()
             .all(|l| l.starts_with("rmc: cannot start protection")
                 || l.starts_with("rmc: lost the standby")
                 || l.starts_with("rmc: FENCED")
+                || l.starts_with("rmc: the arbiter names another primary")
                 || l.starts_with("rmc client: INCONSISTENT")));
     }
 }

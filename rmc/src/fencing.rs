@@ -125,10 +125,10 @@ impl Fence {
                         );
                     }
                     if !said {
-                        eprintln!(
-                            "rmc: the arbiter names another primary ({holder}); waiting up to \
-                             {wait:?} for its lease to run out"
-                        );
+                        crate::events::emit(&crate::events::Event::ArbiterWaiting {
+                            holder: holder.to_string(),
+                            wait_ms: wait.as_millis() as u64,
+                        });
                         said = true;
                     }
                     std::thread::sleep(Duration::from_millis(200));
@@ -320,10 +320,9 @@ impl Fence {
                     if resigned.load(std::sync::atomic::Ordering::Acquire) {
                         return;
                     }
-                    eprintln!(
-                        "rmc: FENCED: {why}; another host may serve the VM now: stopping this VM \
-                         for good (no output left it after its lease was uncertain)"
-                    );
+                    crate::events::emit(&crate::events::Event::LeaseLost {
+                        why: why.to_string(),
+                    });
                     std::process::exit(3);
                 }
                 std::thread::sleep(Duration::from_millis(10));
