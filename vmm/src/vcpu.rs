@@ -583,15 +583,9 @@ mod tests {
         })
     }
 
-    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !cond() {
-            assert!(
-                start.elapsed() < HANG_GUARD,
-                "timed out waiting for {what} (a hang guard, not a speed requirement)"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+    /// Waits for `cond`, failing the test after [`HANG_GUARD`] (not a speed requirement).
+    fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+        rmc_tests::wait_for(what, HANG_GUARD, cond);
     }
 
     #[test]
