@@ -52,6 +52,10 @@ pub enum Call {
     CloseOutput { epoch: u64 },
     /// `release_output(epoch)`.
     ReleaseOutput { epoch: u64 },
+    /// Not a call of the engine: the guest queued output ([`FakeGuest::send_output`]), and
+    /// whether that woke the engine (the first output since the last closed epoch, with a
+    /// waker set).
+    Output { woke: bool },
     /// Not a call of the engine: an event a test placed in the log with [`FakeGuest::mark`]
     /// (a standby verifying a checkpoint, the start of a session), so that the order of the
     /// engine's calls can be checked against it.
@@ -109,6 +113,9 @@ struct Inner {
     script: Option<Script>,
     faults: VecDeque<Armed>,
     calls: Vec<Call>,
+    /// Outputs queued since the last `close_output_epoch`.
+    open_outputs: u64,
+    waker: Option<crate::OutputWaker>,
 }
 
 /// An in-memory guest: RAM regions of anonymous memory, a number of vCPUs (only announced:
@@ -175,6 +182,8 @@ impl FakeGuest {
                 script: None,
                 faults: VecDeque::new(),
                 calls: Vec::new(),
+                open_outputs: 0,
+                waker: None,
             }),
             regions,
             vcpus,
@@ -307,6 +316,27 @@ impl FakeGuest {
     pub fn mark(&self, label: impl Into<String>) {
         let mut inner = self.inner.lock();
         self.log(&mut inner, Call::Mark(label.into()));
+    }
+
+    /// The guest sends a packet: it waits for the next `close_output_epoch`, and the first one
+    /// since the last wakes the engine's [`crate::OutputWaker`] (as a NIC does). Logged as
+    /// [`Call::Output`].
+    pub fn send_output(&self) {
+        let mut inner = self.inner.lock();
+        inner.open_outputs += 1;
+        let waker = (inner.open_outputs == 1)
+            .then(|| inner.waker.clone())
+            .flatten();
+        self.log(
+            &mut inner,
+            Call::Output {
+                woke: waker.is_some(),
+            },
+        );
+        drop(inner);
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     /// Waits until `done` holds for the log (checked now and after every call logged), for
@@ -485,7 +515,16 @@ impl Snapshottable for FakeGuest {
 impl OutputCommit for FakeGuest {
     fn close_output_epoch(&self, epoch: u64) {
         let mut inner = self.inner.lock();
+        inner.open_outputs = 0;
         self.log(&mut inner, Call::CloseOutput { epoch });
+    }
+
+    fn watch_output(&self, waker: Option<crate::OutputWaker>) {
+        self.inner.lock().waker = waker;
+    }
+
+    fn output_waiting(&self) -> bool {
+        self.inner.lock().open_outputs > 0
     }
 
     fn release_output(&self, epoch: u64) {

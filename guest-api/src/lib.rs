@@ -18,6 +18,7 @@
 pub mod dirty;
 pub mod fake;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use dirty::{DirtySet, RegionDirty};
@@ -72,6 +73,30 @@ pub trait Snapshottable {
     fn save_state(&self) -> Result<Vec<u8>, GuestError>;
 }
 
+/// Called by the guest when output starts waiting for a checkpoint (see
+/// [`OutputCommit::watch_output`]). It runs on whatever thread queued the output (a vCPU
+/// thread), so it must be quick and must not block: the primary's waker sends an event.
+#[derive(Clone)]
+pub struct OutputWaker(Arc<dyn Fn() + Send + Sync>);
+
+impl OutputWaker {
+    /// A waker that calls `wake`.
+    pub fn new(wake: impl Fn() + Send + Sync + 'static) -> Self {
+        OutputWaker(Arc::new(wake))
+    }
+
+    /// Output started waiting.
+    pub fn wake(&self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for OutputWaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutputWaker")
+    }
+}
+
 /// Output commit: packets the guest sends leave only once the checkpoint that produced them
 /// is acknowledged. The defaults hold nothing (a guest without a network device).
 pub trait OutputCommit {
@@ -83,6 +108,18 @@ pub trait OutputCommit {
     /// The standby acknowledged every checkpoint up to `epoch`: their packets may leave.
     fn release_output(&self, epoch: u64) {
         let _ = epoch;
+    }
+    /// From now on call `waker` whenever the guest queues output while none was waiting for
+    /// the next checkpoint (the first packet after [`OutputCommit::close_output_epoch`]), so
+    /// the primary can end the epoch early; `None` stops the calls. The default never calls
+    /// it (no output).
+    fn watch_output(&self, waker: Option<OutputWaker>) {
+        let _ = waker;
+    }
+    /// Whether output is waiting for a checkpoint not taken yet (queued since the last
+    /// [`OutputCommit::close_output_epoch`]).
+    fn output_waiting(&self) -> bool {
+        false
     }
 }
 

@@ -19,8 +19,8 @@ pub mod standby;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 pub use rmc_guest_api::{
-    dirty, DirtyLog, DirtySet, Guest, GuestError, GuestRam, OutputCommit, Pausable, Snapshottable,
-    PAGE_SIZE,
+    dirty, DirtyLog, DirtySet, Guest, GuestError, GuestRam, OutputCommit, OutputWaker, Pausable,
+    Snapshottable, PAGE_SIZE,
 };
 
 /// Passes a protocol result through; on an error, first tells the peer why with a `Refuse`

@@ -5,7 +5,8 @@
 //! full sync while the guest runs: every page, then the pages dirtied meanwhile, in rounds,
 //!   as Sync epochs (chunks of at most one slot), until few pages are left
 //! loop:
-//!   wait for the epoch deadline (or --max-dirty-pages dirtied: peeked every DIRTY_PEEK_EVERY)
+//!   wait for the epoch deadline (or --max-dirty-pages dirtied: peeked every DIRTY_PEEK_EVERY,
+//!     or output waiting: the guest's waker sends an event, and the minimum spacing passed)
 //!     (when: protocol::Scheduler; this loop waits for its events until Scheduler::poll_timeout)
 //!   wait for a free slot (the guest keeps running; the epoch gets longer)
 //!   PAUSE: harvest, save state, gather pages + state into the slot        <- the pause
@@ -38,10 +39,10 @@ use tracing::{debug, info, warn};
 use vm_memory::GuestAddress;
 
 use crate::protocol::{
-    earliest, Heartbeat, InFlight, PrimaryAction, PrimaryCore, ProtocolError, ResumePoint,
-    SchedulePolicy, Scheduler, Step, SyncStep, Trigger,
+    earliest, Heartbeat, InFlight, OutputTrigger, PrimaryAction, PrimaryCore, ProtocolError,
+    ResumePoint, SchedulePolicy, Scheduler, Step, SyncStep, Trigger,
 };
-use crate::{BoxError, DirtySet, Guest, GuestError, PAGE_SIZE};
+use crate::{BoxError, DirtySet, Guest, GuestError, OutputWaker, PAGE_SIZE};
 
 /// Sync epochs carry at most this many pages (32 MiB), so none keeps the standby busy long.
 const SYNC_CHUNK_PAGES: usize = 8192;
@@ -87,6 +88,9 @@ pub struct PrimaryConfig {
     pub epoch_interval: Duration,
     /// End an epoch early once this many pages are dirty.
     pub max_dirty_pages: usize,
+    /// End an epoch early when the guest has output waiting (`None`: never; see
+    /// [`OutputTrigger`]).
+    pub output_trigger: Option<OutputTrigger>,
     /// Pages per staging slot.
     pub slot_pages: usize,
     /// Number of staging slots.
@@ -119,6 +123,7 @@ impl PrimaryConfig {
             secret,
             epoch_interval: Duration::from_millis(20),
             max_dirty_pages: slot_pages / 2,
+            output_trigger: Some(OutputTrigger::default()),
             slot_pages,
             slots: 2,
             heartbeat: Heartbeat::default(),
@@ -193,6 +198,8 @@ pub struct PrimaryStats {
     pub ack_us: Histogram<u64>,
     /// Epochs too large for a slot (sent while paused).
     pub oversize: u64,
+    /// Checkpoints taken because output was waiting ([`Trigger::Output`]).
+    pub output_checkpoints: u64,
     /// How long the full sync took.
     pub sync_time: Duration,
     /// How long checkpoints were taken (from the end of the full sync to the last ack).
@@ -219,6 +226,7 @@ impl PrimaryStats {
             pages: h(),
             ack_us: h(),
             oversize: 0,
+            output_checkpoints: 0,
             sync_time: Duration::ZERO,
             protected_time: Duration::ZERO,
         }
@@ -249,6 +257,8 @@ enum Event {
         bytes: u64,
     },
     Failed(LinkError),
+    /// The guest has output waiting for a checkpoint (its [`OutputWaker`]).
+    Output,
 }
 
 /// A primary connected to its standby.
@@ -260,6 +270,10 @@ pub struct Primary<'g, G: Guest> {
     writer: Arc<Mutex<FrameWriter<Tx>>>,
     jobs: Option<Sender<Job>>,
     events: Receiver<Event>,
+    /// For the guest's output waker.
+    wake: Sender<Event>,
+    /// An [`Event::Output`] arrived since the loop last looked.
+    output_event: bool,
     threads: Vec<std::thread::JoinHandle<()>>,
     closer: Closer,
     transport: Transport,
@@ -371,7 +385,7 @@ impl<'g, G: Guest> Primary<'g, G> {
         let (jobs, job_rx) = unbounded::<Job>();
         let threads = vec![
             spawn_sender(writer.clone(), job_rx, ev_tx.clone()),
-            spawn_reader(reader, ev_tx),
+            spawn_reader(reader, ev_tx.clone()),
         ];
         Ok(Primary {
             guest,
@@ -384,6 +398,8 @@ impl<'g, G: Guest> Primary<'g, G> {
             writer,
             jobs: Some(jobs),
             events,
+            wake: ev_tx,
+            output_event: false,
             threads,
             closer,
             transport,
@@ -471,6 +487,15 @@ impl<'g, G: Guest> Primary<'g, G> {
             self.config.max_dirty_pages,
             self.config.slot_pages,
         )
+        .with_output(self.config.output_trigger)
+    }
+
+    /// Tells the scheduler whether output waits, after an [`Event::Output`] (asking the guest:
+    /// the event may be of output the last checkpoint already took).
+    fn note_output(&mut self, sched: &mut Scheduler) {
+        if std::mem::take(&mut self.output_event) && self.guest.output_waiting() {
+            sched.output_waiting();
+        }
     }
 
     /// The next instant something is due: the scheduler's, or the connection's (heartbeat,
@@ -486,7 +511,16 @@ impl<'g, G: Guest> Primary<'g, G> {
         self.full_sync()?;
         let protect_start = Instant::now();
         let mut sched = Scheduler::new(self.policy(), protect_start);
+        if self.config.output_trigger.is_some() {
+            let wake = self.wake.clone();
+            self.guest.watch_output(Some(OutputWaker::new(move || {
+                let _ = wake.send(Event::Output);
+            })));
+            // Output held over from before (the full sync, a previous session).
+            self.output_event = true;
+        }
         loop {
+            self.note_output(&mut sched);
             let now = Instant::now();
             if stop.load(Ordering::Acquire)
                 || self
@@ -516,11 +550,15 @@ impl<'g, G: Guest> Primary<'g, G> {
                     };
                     sched.checkpoint_taken(Instant::now());
                     let last = why == Trigger::Last;
+                    if why == Trigger::Output {
+                        self.stats.output_checkpoints += 1;
+                    }
                     let pending = std::mem::replace(
                         &mut self.pending,
                         DirtySet::empty(&self.guest.regions()),
                     );
-                    self.checkpoint(slot, pending, !last)?;
+                    let pause = self.checkpoint(slot, pending, !last)?;
+                    sched.paused_for(pause);
                     self.summary();
                     if last {
                         let r = self.drain_acks(&mut sched).and_then(|()| {
@@ -596,14 +634,14 @@ impl<'g, G: Guest> Primary<'g, G> {
         }
     }
 
-    /// One checkpoint: the pause is everything between `pause()` and `resume()`. With
-    /// `resume == false` the guest stays paused afterwards (the last checkpoint).
+    /// One checkpoint: the pause is everything between `pause()` and `resume()`, and what it
+    /// returns. With `resume == false` the guest stays paused afterwards (the last checkpoint).
     fn checkpoint(
         &mut self,
         mut slot: Slot,
         pending: DirtySet,
         resume: bool,
-    ) -> Result<(), PrimaryError> {
+    ) -> Result<Duration, PrimaryError> {
         let guest = self.guest;
         let t0 = Instant::now();
         if let Err(e) = guest.pause() {
@@ -664,7 +702,7 @@ impl<'g, G: Guest> Primary<'g, G> {
                 pause_ms = pause.as_millis() as u64,
                 "epoch larger than a slot was sent while paused (raise --slot-pages or lower --max-dirty-pages)"
             );
-            return r;
+            return r.map(|()| pause);
         }
         let _ = self.stats.stage_us.record(us(t_saved, t_staged));
         if resume {
@@ -684,7 +722,7 @@ impl<'g, G: Guest> Primary<'g, G> {
         if r.is_err() && !resume {
             guest.resume();
         }
-        r
+        r.map(|()| pause)
     }
 
     fn record_pause(&mut self, pause: Duration, pages: usize) {
@@ -826,6 +864,7 @@ impl<'g, G: Guest> Primary<'g, G> {
                         }
                     }
                 }
+                Event::Output => self.output_event = true,
                 Event::Message(m) => {
                     let now = Instant::now();
                     if let PrimaryAction::Acked(done) = self.core.on_message(m, now)? {
@@ -907,6 +946,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             pause_p50_us = s.pause_us.value_at_quantile(0.5),
             pause_p99_us = s.pause_us.value_at_quantile(0.99),
             ack_p50_us = s.ack_us.value_at_quantile(0.5),
+            output_triggered = s.output_checkpoints,
             last_acked = s.last_acked,
             "protecting"
         );
@@ -914,6 +954,7 @@ impl<'g, G: Guest> Primary<'g, G> {
     }
 
     fn shutdown(&mut self) {
+        self.guest.watch_output(None);
         self.jobs = None;
         self.closer.close();
         for t in self.threads.drain(..) {

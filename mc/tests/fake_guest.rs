@@ -46,7 +46,7 @@ use parking_lot::{Condvar, Mutex};
 use rmc_guest_api::fake::{Call, FakeGuest, Fault, InjectedFault, FAKE_STATE_VERSION};
 use rmc_guest_api::{DirtyLog, Pausable, PAGE_SIZE};
 use rmc_mc::primary::{Lineage, Primary, PrimaryConfig, PrimaryError, PrimaryStats};
-use rmc_mc::protocol::{Heartbeat, ProtocolError};
+use rmc_mc::protocol::{Heartbeat, OutputTrigger, ProtocolError};
 use rmc_mc::standby::{error_chain, RestoreCheck, Session, Standby, StandbyConfig, StandbyError};
 use rmc_mc::BoxError;
 use rmc_transport::framing::{Abort, FrameReader, FrameWriter};
@@ -1221,6 +1221,123 @@ fn a_silent_standby_is_detected_by_the_heartbeat_timeout_and_its_output_stays_he
     );
     let delta = rig.assert_dirty_log_holds_the_unacked_pages(1);
     rig.resume_and_check(sb, delta);
+}
+
+/// Epochs of an hour, so only output (or the stop) ends one: each packet the guest sends is
+/// followed by a checkpoint that closes its output epoch, and is released once the standby
+/// acknowledged that checkpoint, without waiting for any deadline. With the trigger off the
+/// same packet waits: no checkpoint follows it until the stop's last one.
+///
+/// Catches: a waker that is never called or whose event the loop ignores, a checkpoint
+/// triggered without output waiting (or twice for one packet), output held over from before
+/// the session start never triggering, a trigger that `output_trigger: None` does not turn
+/// off, an output checkpoint that does not close the output epoch or whose output leaves
+/// before its ack.
+#[test]
+fn waiting_output_ends_the_epoch_and_leaves_with_its_ack() {
+    const PACKETS: usize = 4;
+    let mut rig = Rig::new(FakeGuest::new(512), spread);
+    let hour = Duration::from_secs(3600);
+    let is_output = |c: &Call| matches!(c, Call::Output { .. });
+    let is_close = |c: &Call| matches!(c, Call::CloseOutput { .. });
+
+    for trigger in [true, false] {
+        let sb = rig.standby();
+        let addr = sb.local_addr();
+        let serving = serve(sb);
+        let mut config = rig.config(addr, hour, 64, 2);
+        if trigger {
+            config.output_trigger = Some(OutputTrigger {
+                min_gap: Duration::ZERO,
+                max_pause_share: 1.0,
+            });
+        } else {
+            config.output_trigger = None;
+        }
+        rig.ctl.stop.store(false, Ordering::SeqCst);
+        let (guest, ctl) = (rig.guest.clone(), rig.ctl.clone());
+        let session = rig.sessions + 1;
+        let sender = std::thread::spawn(move || {
+            let start = guest.calls().len();
+            for k in 0..if trigger { PACKETS } else { 1 } {
+                // One packet, sent while no checkpoint is pending (the first one before the
+                // session even protects: it waits from then on).
+                guest.send_output();
+                let sent = guest.calls().len() - 1;
+                let released = |calls: &[Call]| {
+                    let Some(j) = calls[sent..].iter().position(is_close) else {
+                        return false;
+                    };
+                    let Call::CloseOutput { epoch } = calls[sent + j] else {
+                        unreachable!()
+                    };
+                    calls[sent + j..]
+                        .iter()
+                        .any(|c| matches!(c, Call::ReleaseOutput { epoch: e } if *e >= epoch))
+                };
+                if trigger {
+                    assert!(
+                        guest.wait_for(HANG_GUARD, released),
+                        "packet {k}: no checkpoint released it within {HANG_GUARD:?}, with \
+                         epochs of an hour"
+                    );
+                } else {
+                    // Nothing but the deadline (in an hour) or the stop ends the epoch. The
+                    // session has protected once a heartbeat's worth of time passed after
+                    // the full sync.
+                    let synced = |calls: &[Call]| {
+                        calls[start..]
+                            .iter()
+                            .any(|c| matches!(c, Call::PutBack { .. }))
+                    };
+                    assert!(guest.wait_for(HANG_GUARD, synced), "the full sync ended");
+                    std::thread::sleep(Duration::from_millis(300));
+                    assert!(
+                        !guest.calls()[sent..].iter().any(is_close),
+                        "a checkpoint followed output with the trigger off"
+                    );
+                }
+            }
+            ctl.stop.store(true, Ordering::SeqCst);
+        });
+        let out = rig.session(config);
+        sender.join().expect("the sending thread's checks");
+        let stats = out
+            .result
+            .unwrap_or_else(|e| panic!("the session failed: {}", error_chain(&e)));
+        let (sb, s) = serving.finish("the output session");
+        if let Err(e) = &s.result {
+            panic!("a stopped primary says goodbye: {}", error_chain(e));
+        }
+        rig.assert_backup_is_the_guest(&sb, "after the output session");
+        let log = rig.log();
+        let range = log.session(session);
+        log.check_discipline();
+        log.check_output_commit(range.clone(), stats.last_acked);
+        let checkpoints = log.checkpoints(range.clone());
+        let outputs: Vec<usize> = range
+            .clone()
+            .filter(|&i| is_output(&log.calls[i]))
+            .collect();
+        if trigger {
+            // One checkpoint per packet, each after its packet, and the stop's last one.
+            assert_eq!(stats.output_checkpoints, PACKETS as u64, "{checkpoints:?}");
+            assert_eq!(checkpoints.len(), PACKETS + 1, "{checkpoints:?}");
+            for (k, (&o, c)) in outputs.iter().zip(&checkpoints).enumerate() {
+                assert!(c.at > o, "checkpoint {k} was taken before its packet");
+            }
+        } else {
+            assert_eq!(stats.output_checkpoints, 0);
+            assert_eq!(
+                checkpoints.len(),
+                1,
+                "only the last checkpoint: {checkpoints:?}"
+            );
+        }
+        // Every packet left, with the last acknowledged checkpoint at the latest.
+        assert_eq!(log.releases(range).last(), Some(&stats.last_acked));
+        rig.guest.resume();
+    }
 }
 
 /// A guest of two RAM regions with a gap between them (0 and 1 GiB) and two vCPUs: the

@@ -12,8 +12,9 @@
 //! (backpressure), and takes it again after a release made room. Inbound packets never pass
 //! through here.
 //!
-//! Not yet wired in: the NIC's TX path, the checkpoint pause and the ack handler use it in the
-//! output-commit issue (see `docs/NEXT.md`).
+//! The VMM's NIC pushes on its TX path; the primary closes the epoch in each checkpoint's
+//! pause and releases on each ack. [`NetBuf::open_packets`] tells whether anything waits for
+//! a checkpoint not taken yet (what ends an epoch early to answer fast).
 
 use std::collections::VecDeque;
 
@@ -172,6 +173,12 @@ impl<P: PacketSize> NetBuf<P> {
         self.stats.released_bytes += p.size() as u64;
     }
 
+    /// Packets in the open epoch: sent since the last [`NetBuf::close_epoch`], waiting for a
+    /// checkpoint not taken yet.
+    pub fn open_packets(&self) -> usize {
+        self.open.len()
+    }
+
     /// Counters.
     pub fn stats(&self) -> Stats {
         self.stats
@@ -214,6 +221,26 @@ mod tests {
             ),
             (0, 0, 4, 40)
         );
+    }
+
+    #[test]
+    fn open_packets_counts_what_no_checkpoint_covers_yet() {
+        let mut nb = NetBuf::new(Limits::default());
+        assert_eq!(nb.open_packets(), 0);
+        nb.push(pkt(1, 10)).unwrap();
+        nb.push(pkt(2, 10)).unwrap();
+        assert_eq!(nb.open_packets(), 2);
+        nb.close_epoch(1);
+        assert_eq!(
+            nb.open_packets(),
+            0,
+            "closed packets wait for an ack, not a checkpoint"
+        );
+        nb.push(pkt(3, 10)).unwrap();
+        assert_eq!(nb.open_packets(), 1);
+        // A new session takes everything held back into the open epoch.
+        nb.reopen();
+        assert_eq!(nb.open_packets(), 3);
     }
 
     #[test]

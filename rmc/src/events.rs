@@ -109,13 +109,15 @@ pub enum Event {
         backpressure_events: u64,
     },
     /// `rmc: {checkpoints_acked} checkpoints acknowledged (last epoch {last_epoch}) in
-    /// {seconds:.1} s; full sync {sync_pages} pages in {sync_seconds:.2} s; first pause
+    /// {seconds:.1} s, {output_triggered} of them for waiting output; full sync {sync_pages} pages in {sync_seconds:.2} s; first pause
     /// {first_pause_us} us; pause p50 {pause_p50_us} us p99 {pause_p99_us} us; pages/epoch mean
     /// {pages_per_epoch:.0}; ack p50 {ack_p50_us} us p99 {ack_p99_us} us; {oversize}
     /// oversize`: protection ended on purpose (`--duration`), the standby said goodbye.
     ProtectionEnded {
         /// Checkpoints the standby acknowledged.
         checkpoints_acked: u64,
+        /// Checkpoints taken because output was waiting (`--output-trigger`).
+        output_triggered: u64,
         /// The last acknowledged epoch.
         last_epoch: u64,
         /// Seconds of protection (after the full sync).
@@ -572,6 +574,7 @@ impl fmt::Display for Event {
             ),
             Event::ProtectionEnded {
                 checkpoints_acked,
+                output_triggered,
                 last_epoch,
                 seconds,
                 sync_pages,
@@ -586,7 +589,7 @@ impl fmt::Display for Event {
             } => write!(
                 f,
                 "rmc: {checkpoints_acked} checkpoints acknowledged (last epoch {last_epoch}) in \
-                 {seconds:.1} s; full sync {sync_pages} pages in {sync_seconds:.2} s; first pause \
+                 {seconds:.1} s, {output_triggered} of them for waiting output; full sync {sync_pages} pages in {sync_seconds:.2} s; first pause \
                  {first_pause_us} us; pause p50 {pause_p50_us} us p99 {pause_p99_us} us; \
                  pages/epoch mean {pages_per_epoch:.0}; ack p50 {ack_p50_us} us p99 {ack_p99_us} \
                  us; {oversize} oversize"
@@ -869,6 +872,7 @@ mod tests {
             (
                 Event::ProtectionEnded {
                     checkpoints_acked: 100,
+                    output_triggered: 60,
                     last_epoch: 101,
                     seconds: 2.04,
                     sync_pages: 16384,
@@ -881,8 +885,8 @@ mod tests {
                     ack_p99_us: 3000,
                     oversize: 0,
                 },
-                "rmc: 100 checkpoints acknowledged (last epoch 101) in 2.0 s; full sync 16384 \
-                 pages in 0.12 s; first pause 250 us; pause p50 300 us p99 900 us; pages/epoch \
+                "rmc: 100 checkpoints acknowledged (last epoch 101) in 2.0 s, 60 of them for \
+                 waiting output; full sync 16384 pages in 0.12 s; first pause 250 us; pause p50 300 us p99 900 us; pages/epoch \
                  mean 500; ack p50 1000 us p99 3000 us; 0 oversize",
             ),
             (

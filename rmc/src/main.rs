@@ -90,12 +90,15 @@ struct PrimaryArgs {
     transport: Transport,
     #[command(flatten)]
     secret: SecretArgs,
-    /// Milliseconds between checkpoints.
+    /// The longest an epoch runs, in milliseconds: a checkpoint at least this often (sooner
+    /// when output waits, see --output-trigger, or --max-dirty-pages are dirty).
     #[arg(long, default_value_t = 20.0)]
     epoch_ms: f64,
     /// End an epoch early once this many pages are dirty (default: half a slot).
     #[arg(long)]
     max_dirty_pages: Option<usize>,
+    #[command(flatten)]
+    output_trigger: OutputTriggerArgs,
     /// Pages per staging slot (default: an eighth of guest memory, 1,024 to 65,536).
     #[arg(long)]
     slot_pages: Option<usize>,
@@ -229,6 +232,9 @@ struct DemoArgs {
     /// differently. With one client, each new request must raise the counter by exactly one.
     #[arg(long, default_value_t = 2)]
     clients: u32,
+    /// Passed to the primary (see `rmc primary --help`).
+    #[command(flatten)]
+    output_trigger: OutputTriggerArgs,
     /// Testing only: passed to the primary (see `rmc primary --inject-fault`).
     #[arg(long, value_enum, hide = true)]
     inject_fault: Option<Fault>,
@@ -283,6 +289,51 @@ struct BenchArgs {
     /// Heartbeats (raise them on a software-emulated machine such as the Soft-RoCE VM).
     #[command(flatten)]
     heartbeat: HeartbeatArgs,
+    /// What to measure, comma separated: `sweep` (checkpoint latency and throughput over the
+    /// dirty pages x epoch x vCPU sweep) and/or `reply` (reply latency of a client of the
+    /// protected counter guest: unprotected, output trigger off, output trigger on).
+    #[arg(long, value_delimiter = ',', default_value = "sweep,reply")]
+    part: Vec<BenchPart>,
+    /// Reply latency: the client loads, comma separated: `request` (one request at a time)
+    /// and/or `stream` (--reply-window requests outstanding).
+    #[arg(long, value_delimiter = ',', default_value = "request,stream")]
+    reply_loads: Vec<ReplyLoadArg>,
+    /// Reply latency: requests outstanding in the `stream` load.
+    #[arg(long, default_value_t = 16)]
+    reply_window: usize,
+    /// Reply latency: the longest epoch (the primary's --epoch-ms), ms.
+    #[arg(long, default_value_t = 20.0)]
+    reply_epoch_ms: f64,
+    /// Reply latency: the dirtier on the guest's second vCPU writes this many pages over and
+    /// over ...
+    #[arg(long, default_value_t = 1024)]
+    reply_dirty_pages: u64,
+    /// ... at this many pages per second (0: as fast as it can).
+    #[arg(long, default_value_t = 10_000)]
+    reply_dirty_rate: u64,
+    /// Reply latency: output-trigger minimum gaps to measure, microseconds, comma separated
+    /// (each combined with each --output-max-pause-percent; see `rmc primary --help`).
+    #[arg(long, value_delimiter = ',', default_values_t = [rmc_mc::protocol::DEFAULT_OUTPUT_MIN_GAP.as_micros() as u64])]
+    output_min_gap_us: Vec<u64>,
+    /// Reply latency: output-trigger pause shares to measure, percent, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [rmc_mc::protocol::DEFAULT_MAX_PAUSE_SHARE * 100.0])]
+    output_max_pause_percent: Vec<f64>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum BenchPart {
+    /// Checkpoint latency and throughput.
+    Sweep,
+    /// Reply latency.
+    Reply,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ReplyLoadArg {
+    /// One request at a time.
+    Request,
+    /// A window of requests outstanding.
+    Stream,
 }
 
 /// `rmc bench --transport`: a transport it can measure (`tcp`, `rdma`; not `auto`).
@@ -343,6 +394,45 @@ impl ArbiterArgs {
 
 fn parse_arbiter(s: &str) -> Result<rmc_arbiter::Endpoint, String> {
     s.parse()
+}
+
+#[derive(Parser, Debug, Clone)]
+struct OutputTriggerArgs {
+    /// Take a checkpoint as soon as the guest has output waiting, so a reply leaves about one
+    /// checkpoint (pause, transmit, ack) after the guest sent it instead of at the end of its
+    /// epoch: `on`, or `off` (fixed epochs: replies wait up to --epoch-ms plus the ack).
+    #[arg(long, value_enum, default_value = "on")]
+    output_trigger: OnOff,
+    /// Output trigger: the least time from the start of one checkpoint to an output-triggered
+    /// next one, in microseconds (bounds checkpoints per second under streaming output).
+    #[arg(long, default_value_t = rmc_mc::protocol::DEFAULT_OUTPUT_MIN_GAP.as_micros() as u64)]
+    output_min_gap_us: u64,
+    /// Output trigger: the largest share of the guest's time, in percent, that
+    /// output-triggered pauses may take (a checkpoint whose pause took P waits P / share
+    /// before output may end the next epoch); bounds the guest's slowdown.
+    #[arg(long, default_value_t = rmc_mc::protocol::DEFAULT_MAX_PAUSE_SHARE * 100.0)]
+    output_max_pause_percent: f64,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOff {
+    On,
+    Off,
+}
+
+impl OutputTriggerArgs {
+    fn get(&self) -> Result<Option<rmc_mc::protocol::OutputTrigger>> {
+        let percent = self.output_max_pause_percent;
+        if !(percent > 0.0 && percent <= 100.0) {
+            bail!("--output-max-pause-percent must be above 0 and at most 100, not {percent}");
+        }
+        Ok(
+            (self.output_trigger == OnOff::On).then(|| rmc_mc::protocol::OutputTrigger {
+                min_gap: Duration::from_micros(self.output_min_gap_us),
+                max_pause_share: percent / 100.0,
+            }),
+        )
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -675,6 +765,7 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
     if let Some(m) = a.max_dirty_pages {
         config.max_dirty_pages = m.max(1);
     }
+    config.output_trigger = a.output_trigger.get()?;
     if a.slots < 2 {
         bail!("--slots must be at least 2 (one epoch staged while another is in flight)");
     }
@@ -802,6 +893,7 @@ fn protect(
                 }
                 emit(&Event::ProtectionEnded {
                     checkpoints_acked: stats.checkpoints_acked,
+                    output_triggered: stats.output_checkpoints,
                     last_epoch: stats.last_acked,
                     seconds: stats.protected_time.as_secs_f64(),
                     sync_pages: stats.sync_pages,
@@ -1007,11 +1099,21 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
             (None, _) => std::net::Ipv4Addr::LOCALHOST.into(),
         },
         clients: a.clients.max(1),
-        primary_extra: match a.inject_fault {
-            Some(Fault::ReleaseBeforeAck) => {
-                vec!["--inject-fault".into(), "release-before-ack".into()]
+        primary_extra: {
+            a.output_trigger.get()?;
+            let t = &a.output_trigger;
+            let mut extra = vec![
+                "--output-trigger".to_string(),
+                format!("{:?}", t.output_trigger).to_lowercase(),
+                "--output-min-gap-us".into(),
+                t.output_min_gap_us.to_string(),
+                "--output-max-pause-percent".into(),
+                t.output_max_pause_percent.to_string(),
+            ];
+            if a.inject_fault == Some(Fault::ReleaseBeforeAck) {
+                extra.extend(["--inject-fault".into(), "release-before-ack".into()]);
             }
-            None => Vec::new(),
+            extra
         },
     };
     let trials = a.trials.max(1);
@@ -1105,7 +1207,50 @@ fn bench(a: BenchArgs, json: bool) -> Result<ExitCode> {
             _ => None,
         },
     };
-    let rows = bench::run(&c, &mut |m| eprintln!("rmc bench: {m}"))?;
+    let mut triggers = Vec::new();
+    for &gap in &a.output_min_gap_us {
+        for &percent in &a.output_max_pause_percent {
+            if !(percent > 0.0 && percent <= 100.0) {
+                bail!("--output-max-pause-percent must be above 0 and at most 100, not {percent}");
+            }
+            triggers.push(rmc_mc::protocol::OutputTrigger {
+                min_gap: Duration::from_micros(gap),
+                max_pause_share: percent / 100.0,
+            });
+        }
+    }
+    let r = bench::reply::ReplyConfig {
+        loads: a
+            .reply_loads
+            .iter()
+            .map(|l| match l {
+                ReplyLoadArg::Request => bench::reply::Load::Request,
+                ReplyLoadArg::Stream => bench::reply::Load::Stream,
+            })
+            .collect(),
+        triggers,
+        epoch_ms: a.reply_epoch_ms,
+        seconds: a.seconds,
+        window: a.reply_window,
+        dirtier: rmc_vmm::DirtierConfig {
+            pages: a.reply_dirty_pages.max(1),
+            rate: a.reply_dirty_rate,
+            limit: 0,
+        },
+    };
+    bench::check_transports(&c)?;
+    let mut progress = |m: &str| eprintln!("rmc bench: {m}");
+    let rows = if a.part.contains(&BenchPart::Sweep) {
+        bench::run(&c, &mut progress)?
+    } else {
+        Vec::new()
+    };
+    let mut reply = Vec::new();
+    if a.part.contains(&BenchPart::Reply) {
+        for &t in &c.transports {
+            reply.extend(bench::reply::run(&c, &r, t, &mut progress)?);
+        }
+    }
     if let Some(path) = &a.svg {
         bench::svg(&rows, path).with_context(|| format!("Cannot write {}", path.display()))?;
         eprintln!("rmc bench: plot written to {}", path.display());
@@ -1113,10 +1258,20 @@ fn bench(a: BenchArgs, json: bool) -> Result<ExitCode> {
     if json {
         println!(
             "{}",
-            serde_json::json!({ "schema": bench::SCHEMA, "memory_bytes": a.memory, "rows": rows })
+            serde_json::json!({
+                "schema": bench::SCHEMA,
+                "memory_bytes": a.memory,
+                "rows": rows,
+                "reply": reply,
+            })
         );
     } else {
-        print!("{}", bench::table(&rows, a.memory));
+        if !rows.is_empty() {
+            print!("{}", bench::table(&rows, a.memory));
+        }
+        if !reply.is_empty() {
+            print!("{}", bench::reply::table(&reply, &r));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -401,12 +401,20 @@ struct PrimaryThread {
 }
 
 impl PrimaryThread {
-    /// Connects to `standby` (the handshake done) and starts protecting `vm`.
+    /// Connects to `standby` (the handshake done) and starts protecting `vm` with epochs of
+    /// 10 ms and `slots` staging slots.
     fn start(vm: &Arc<Vm>, standby: SocketAddr, slots: usize) -> Self {
+        Self::start_with(vm, standby, |cfg| {
+            cfg.epoch_interval = Duration::from_millis(10);
+            cfg.slots = slots;
+        })
+    }
+
+    /// The same with the defaults of `PrimaryConfig` changed by `set`.
+    fn start_with(vm: &Arc<Vm>, standby: SocketAddr, set: impl FnOnce(&mut PrimaryConfig)) -> Self {
         let mut cfg = PrimaryConfig::new(standby, SECRET.to_vec(), MEM / PAGE_SIZE);
-        cfg.epoch_interval = Duration::from_millis(10);
         cfg.heartbeat = HB;
-        cfg.slots = slots;
+        set(&mut cfg);
         let stop = Arc::new(AtomicBool::new(false));
         let (connected, acked) = mpsc::channel();
         let thread = {
@@ -670,6 +678,78 @@ fn delayed_acks_delay_replies_accordingly() {
     let stats = primary.stop();
     assert!(stats.checkpoints_acked > 0, "{stats:?}");
     assert_eq!(standby.join(), Ok(SessionEnd::Goodbye));
+}
+
+/// A real standby, epochs of an hour: with the output trigger (on by default) every reply
+/// leaves one checkpoint after the guest sent it, so a client doing one request at a time is
+/// answered at all. Each reply still waits for its checkpoint's ack (the scripted-standby
+/// tests above run with the trigger on too).
+///
+/// Catches: the NIC not waking the primary when a packet is held (replies would wait an
+/// hour), the trigger off by default, a checkpoint per packet of a request's reply missing.
+#[test]
+fn with_the_output_trigger_replies_leave_one_checkpoint_after_they_were_sent() {
+    if !kvm_available("with_the_output_trigger_replies_leave_one_checkpoint_after_they_were_sent") {
+        return;
+    }
+    init_logs();
+    const REQUESTS: u64 = 20;
+    let mut sb = Standby::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        StandbyConfig {
+            secret: SECRET.to_vec(),
+            memory_bytes: Some(MEM),
+            heartbeat: HB,
+            ..StandbyConfig::default()
+        },
+    )
+    .unwrap();
+    let addr = sb.local_addr();
+    let standby = std::thread::spawn(move || sb.serve_one());
+    let vm = counter_vm(Default::default());
+    let server = vm.nic_addr().unwrap();
+    let primary = PrimaryThread::start_with(&vm, addr, |cfg| {
+        assert!(
+            cfg.output_trigger.is_some(),
+            "the output trigger is on by default"
+        );
+        cfg.epoch_interval = Duration::from_secs(3600);
+    });
+    let _end_primary = RaiseOnDrop(vec![primary.stop.clone()]);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for seq in 1..=REQUESTS {
+        ask(&sock, server, 7, seq);
+        // No resend: the reply must come, long before any epoch's end.
+        let (r, _) = answer(&sock, LONG).unwrap_or_else(|| {
+            panic!(
+                "no reply to request {seq} within {LONG:?} with epochs of an hour: output {:?}, \
+                 checkpoints acknowledged {}",
+                vm.output_stats(),
+                primary.acked.load(Ordering::Relaxed)
+            )
+        });
+        assert_eq!(
+            (r.status, r.client_id, r.seq, r.counter),
+            (STATUS_OK, 7, seq, seq)
+        );
+    }
+    let out = vm.output_stats().unwrap();
+    assert_eq!(
+        (out.released_packets, out.held_packets),
+        (REQUESTS, 0),
+        "every reply went through output commit: {out:?}"
+    );
+    let stats = primary.stop();
+    assert!(
+        stats.output_checkpoints >= REQUESTS,
+        "a checkpoint for each reply: {} of {} checkpoints were for output",
+        stats.output_checkpoints,
+        stats.checkpoints_acked
+    );
+    let session = join("the standby", standby, LONG).expect("the standby's session");
+    if let Err(e) = &session.result {
+        panic!("the standby's session failed: {}", error_chain(e));
+    }
 }
 
 #[test]

@@ -656,6 +656,50 @@ fn bench_smoke_run_reports_every_figure() {
         assert!(row["slowdown"].is_number(), "{row}");
     }
     assert!(rows[0]["standby_total"].as_f64().unwrap() >= 1.0);
+    // The reply-latency part (on by default): per load, the baseline, trigger off, trigger on.
+    let reply = v["reply"].as_array().expect("reply rows");
+    let kinds: Vec<(String, String)> = reply
+        .iter()
+        .map(|r| (r["load"].to_string(), r["trigger"].to_string()))
+        .collect();
+    let want: Vec<(String, String)> = ["request", "stream"]
+        .iter()
+        .flat_map(|l| {
+            ["unprotected", "off", "on"].map(|t| (format!("\"{l}\""), format!("\"{t}\"")))
+        })
+        .collect();
+    assert_eq!(kinds, want, "{stdout}");
+    for r in reply {
+        assert!(r["replies"].as_u64().unwrap() > 0, "{r}");
+        let l = &r["latency_us"];
+        let [p50, p99, max] = ["p50", "p99", "max"].map(|k| l[k].as_u64().unwrap());
+        assert!(0 < p50 && p50 <= p99 && p99 <= max, "{r}");
+        assert!(r["dirtier_pages_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        match r["trigger"].as_str().unwrap() {
+            "unprotected" => {
+                assert!(
+                    r["added_us"].is_null() && r["checkpoints_per_s"].is_null(),
+                    "{r}"
+                )
+            }
+            protected => {
+                assert_eq!(r["added_us"].as_array().unwrap().len(), 3, "{r}");
+                assert!(r["slowdown"].is_number(), "{r}");
+                assert!(r["checkpoints_per_s"].as_f64().unwrap() > 0.0, "{r}");
+                assert!(r["pause_us"]["count"].as_u64().unwrap() > 0, "{r}");
+                let share = r["output_share"].as_f64().unwrap();
+                if protected == "off" {
+                    assert_eq!(share, 0.0, "the trigger is off: {r}");
+                } else {
+                    assert!(share > 0.0, "a client's requests trigger checkpoints: {r}");
+                }
+            }
+        }
+    }
+    assert!(
+        stderr.contains("rmc bench: reply [6/6]"),
+        "reply progress on stderr: {stderr}"
+    );
     let plot = std::fs::read_to_string(&svg).expect("the SVG plot");
     assert!(plot.contains("<svg") && plot.contains("dirty pages per epoch"));
     // `--transport rdma`: measured when `rmc devices` finds a usable RDMA port, otherwise

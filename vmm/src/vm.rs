@@ -212,6 +212,8 @@ pub struct Vm {
     cpuid: CpuId,
     config: VmConfig,
     output: parking_lot::Mutex<Option<Arc<crate::nic::OutputCommit>>>,
+    /// Who to wake when output starts waiting (see `watch_output`).
+    output_waker: parking_lot::Mutex<Option<rmc_guest_api::OutputWaker>>,
     /// Fencing gate asked before each packet leaves (see [`Vm::set_send_gate`]).
     send_gate: parking_lot::Mutex<Option<crate::nic::SendGate>>,
     /// See [`Vm::set_pause_deadline`].
@@ -424,6 +426,7 @@ impl Vm {
             cpuid,
             config: config.clone(),
             output: parking_lot::Mutex::new(None),
+            output_waker: parking_lot::Mutex::new(None),
             send_gate: parking_lot::Mutex::new(None),
             pause_deadline: parking_lot::Mutex::new(DEFAULT_PAUSE_DEADLINE),
         })
@@ -569,6 +572,7 @@ impl Vm {
             limits,
             self.send_gate.lock().clone(),
         ));
+        gate.set_waker(self.output_waker.lock().clone());
         *self.output.lock() = Some(gate.clone());
         nic.set_output(Some(gate));
         Ok(())
@@ -878,6 +882,18 @@ impl rmc_guest_api::OutputCommit for Vm {
         if let Some(g) = self.output.lock().as_ref() {
             g.release(epoch);
         }
+    }
+
+    fn watch_output(&self, waker: Option<rmc_guest_api::OutputWaker>) {
+        // Kept for a gate enabled later, and given to the one that is on now.
+        *self.output_waker.lock() = waker.clone();
+        if let Some(g) = self.output.lock().as_ref() {
+            g.set_waker(waker);
+        }
+    }
+
+    fn output_waiting(&self) -> bool {
+        self.output.lock().as_ref().is_some_and(|g| g.waiting())
     }
 }
 

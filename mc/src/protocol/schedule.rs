@@ -12,13 +12,23 @@
 //! epoch     : runs from the last checkpoint until the first of
 //!               - its deadline, `epoch_interval` after it began           Trigger::Deadline
 //!               - `max_dirty_pages` dirty, peeked every `dirty_peek`      Trigger::DirtyLimit
+//!               - output waiting (the guest sent a packet), once the       Trigger::Output
+//!                 epoch ran `OutputTrigger::min_gap` and long enough that
+//!                 pauses take at most `max_pause_share` of the guest's time
 //!               - a stop request: the last checkpoint                     Trigger::Last
 //!             then a checkpoint as soon as a slot is free (none: wait, the guest runs on)
 //! drain     : after the last checkpoint, every epoch acknowledged within `drain_timeout`
 //! ```
 //!
-//! A future trigger (say, the guest has output waiting, to checkpoint early and cut reply
-//! latency) is one more input next to [`Scheduler::dirty_observed`] and one more [`Trigger`].
+//! ## Why output ends an epoch
+//!
+//! Output commit holds every packet until the checkpoint taken after it is acknowledged. With
+//! fixed epochs a reply waits for the rest of its epoch and then for the ack: half an epoch
+//! on average, a whole one at worst. Ending the epoch as soon as output waits makes that wait
+//! one checkpoint (pause, transmit, ack: well under a millisecond for a small dirty set), the
+//! way COLO answers fast. The price is more checkpoints, so more pauses: the spacing rules
+//! bound how much of the guest's time they may take. A guest that sends nothing never
+//! triggers one, and `--epoch-ms` stays the longest any epoch runs.
 
 use std::time::{Duration, Instant};
 
@@ -34,8 +44,44 @@ pub const MAX_SYNC_ROUNDS: usize = 8;
 /// How long the primary waits for the acks of the epochs in flight when protection ends.
 pub const ACK_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// When waiting output ends an epoch early ([`Trigger::Output`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutputTrigger {
+    /// An output-triggered checkpoint starts at least this long after the previous
+    /// checkpoint started.
+    pub min_gap: Duration,
+    /// ... and no sooner than the previous pause divided by this share (in (0, 1]), so
+    /// output-triggered pauses take at most this share of the guest's time however long a
+    /// pause gets (a guest that dirties more pauses longer and is checkpointed less often).
+    pub max_pause_share: f64,
+}
+
+impl Default for OutputTrigger {
+    /// The defaults chosen by measurement (`rmc bench --reply`, see the README).
+    fn default() -> Self {
+        OutputTrigger {
+            min_gap: DEFAULT_OUTPUT_MIN_GAP,
+            max_pause_share: DEFAULT_MAX_PAUSE_SHARE,
+        }
+    }
+}
+
+impl OutputTrigger {
+    /// How long after the start of the previous checkpoint, whose pause took `last_pause`,
+    /// output may end the epoch.
+    pub fn gap(&self, last_pause: Duration) -> Duration {
+        let share = self.max_pause_share.clamp(1e-3, 1.0);
+        self.min_gap.max(last_pause.div_f64(share))
+    }
+}
+
+/// Default [`OutputTrigger::min_gap`].
+pub const DEFAULT_OUTPUT_MIN_GAP: Duration = Duration::from_micros(0);
+/// Default [`OutputTrigger::max_pause_share`].
+pub const DEFAULT_MAX_PAUSE_SHARE: f64 = 1.0;
+
 /// The scheduling policy's parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SchedulePolicy {
     /// Time between checkpoints.
     pub epoch_interval: Duration,
@@ -49,6 +95,8 @@ pub struct SchedulePolicy {
     pub max_sync_rounds: usize,
     /// How long to wait for the last acks ([`ACK_DRAIN_TIMEOUT`]).
     pub drain_timeout: Duration,
+    /// End an epoch early when output waits (`None`: only deadline and dirty limit).
+    pub output: Option<OutputTrigger>,
 }
 
 impl SchedulePolicy {
@@ -62,7 +110,14 @@ impl SchedulePolicy {
             sync_threshold: max_dirty_pages.min(slot_pages / 2).max(1),
             max_sync_rounds: MAX_SYNC_ROUNDS,
             drain_timeout: ACK_DRAIN_TIMEOUT,
+            output: None,
         }
+    }
+
+    /// The same, with output ending epochs early by `trigger` (`None`: never).
+    pub fn with_output(mut self, trigger: Option<OutputTrigger>) -> Self {
+        self.output = trigger;
+        self
     }
 }
 
@@ -73,6 +128,8 @@ pub enum Trigger {
     Deadline,
     /// The epoch dirtied `max_dirty_pages` before its deadline.
     DirtyLimit,
+    /// The guest has output waiting for a checkpoint ([`OutputTrigger`]).
+    Output,
     /// Protection ends: the last checkpoint, after which the guest stays paused.
     Last,
 }
@@ -106,6 +163,10 @@ pub struct Scheduler {
     epoch_start: Instant,
     next_peek: Instant,
     dirty: usize,
+    /// Output waits for a checkpoint (reported by [`Scheduler::output_waiting`]).
+    output: bool,
+    /// The previous checkpoint's pause (spaces output-triggered checkpoints).
+    last_pause: Duration,
     last: bool,
     /// A checkpoint is due but no slot is free: nothing is due until an event frees one.
     awaiting_slot: bool,
@@ -120,6 +181,8 @@ impl Scheduler {
             epoch_start: now,
             next_peek: now + policy.dirty_peek,
             dirty: 0,
+            output: false,
+            last_pause: Duration::ZERO,
             last: false,
             awaiting_slot: false,
             drain_deadline: None,
@@ -154,6 +217,8 @@ impl Scheduler {
             Some(Trigger::Deadline)
         } else if self.dirty >= self.policy.max_dirty_pages {
             Some(Trigger::DirtyLimit)
+        } else if self.output_due().is_some_and(|t| now >= t) {
+            Some(Trigger::Output)
         } else {
             None
         };
@@ -176,6 +241,19 @@ impl Scheduler {
         self.next_peek = now + self.policy.dirty_peek;
     }
 
+    /// The guest has output waiting for a checkpoint not taken yet (the output-triggered
+    /// checkpoint comes once the spacing allows; ignored without an [`OutputTrigger`]).
+    pub fn output_waiting(&mut self) {
+        self.output = true;
+    }
+
+    /// When output may end this epoch, if it waits and the policy lets it.
+    fn output_due(&self) -> Option<Instant> {
+        let trigger = self.policy.output.as_ref()?;
+        self.output
+            .then(|| self.epoch_start + trigger.gap(self.last_pause))
+    }
+
     /// The standby acknowledged a checkpoint at `now`: peek at the dirty log now rather than
     /// at the next peek period. An ack is when the standby has room for the next epoch, so
     /// an epoch whose dirty limit was reached meanwhile ends without waiting out the period
@@ -185,12 +263,19 @@ impl Scheduler {
         self.next_peek = self.next_peek.min(now);
     }
 
-    /// A checkpoint was taken (its pause began at `now`): the next epoch begins.
+    /// A checkpoint was taken (its pause began at `now`): the next epoch begins, and the
+    /// output waiting so far is the checkpoint's.
     pub fn checkpoint_taken(&mut self, now: Instant) {
         self.epoch_start = now;
         self.next_peek = now + self.policy.dirty_peek;
         self.dirty = 0;
+        self.output = false;
         self.awaiting_slot = false;
+    }
+
+    /// The checkpoint's pause took `pause` (spaces the output-triggered checkpoints).
+    pub fn paused_for(&mut self, pause: Duration) {
+        self.last_pause = pause;
     }
 
     /// The last checkpoint is out (at `now`): from now on only its acks are awaited, until
@@ -219,8 +304,8 @@ impl Scheduler {
     }
 
     /// The next instant [`Scheduler::poll`] (or, draining, [`Scheduler::drained`]) has
-    /// something new to say, if nothing else happens: the epoch's deadline or its next dirty
-    /// peek, or the drain deadline. `None` while only an event can change anything (a
+    /// something new to say, if nothing else happens: the epoch's deadline, its next dirty
+    /// peek or when waiting output may end it, or the drain deadline. `None` while only an event can change anything (a
     /// checkpoint waits for a slot). The caller waits for its events until then, or until its
     /// connection's own timers ([`super::PrimaryCore::poll_timeout`]), whichever is first.
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -230,13 +315,14 @@ impl Scheduler {
         if self.awaiting_slot || self.last {
             return None;
         }
-        Some((self.epoch_start + self.policy.epoch_interval).min(
+        let due = (self.epoch_start + self.policy.epoch_interval).min(
             if self.dirty >= self.policy.max_dirty_pages {
                 self.epoch_start
             } else {
                 self.next_peek
             },
-        ))
+        );
+        earliest(Some(due), self.output_due())
     }
 }
 
@@ -357,6 +443,122 @@ mod tests {
     fn a_stop_makes_the_next_checkpoint_the_last_without_waiting() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(policy(), t0);
+        s.stop();
+        assert_eq!(s.poll(t0 + MS, true), Step::Checkpoint(Trigger::Last));
+    }
+
+    fn with_output(min_gap: Duration, max_pause_share: f64) -> SchedulePolicy {
+        policy().with_output(Some(OutputTrigger {
+            min_gap,
+            max_pause_share,
+        }))
+    }
+
+    #[test]
+    fn waiting_output_ends_the_epoch_at_once() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(with_output(Duration::ZERO, 1.0), t0);
+        let t1 = t0 + MS / 2;
+        assert_eq!(s.poll(t1, true), Step::Wait);
+        s.output_waiting();
+        // Due now: the loop that reported it polls at once.
+        assert_eq!(s.poll_timeout(), Some(t0));
+        assert_eq!(s.poll(t1, true), Step::Checkpoint(Trigger::Output));
+        // The checkpoint takes the output with it: the next epoch runs to its deadline.
+        s.checkpoint_taken(t1);
+        s.paused_for(MS / 5);
+        assert_eq!(s.poll(t1 + MS, true), Step::Wait);
+        assert_eq!(s.poll_timeout(), Some(t1 + DIRTY_PEEK_EVERY));
+        assert_eq!(
+            s.poll(t1 + 20 * MS, true),
+            Step::Checkpoint(Trigger::Deadline)
+        );
+    }
+
+    #[test]
+    fn output_waits_for_the_minimum_gap_after_the_last_checkpoint() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(with_output(MS, 1.0), t0);
+        s.checkpoint_taken(t0);
+        s.paused_for(MS / 10);
+        s.output_waiting();
+        // Not before 1 ms after the previous checkpoint began, and that is when to wake.
+        assert_eq!(s.poll(t0 + MS / 10, true), Step::Wait);
+        assert_eq!(s.poll_timeout(), Some(t0 + MS));
+        assert_eq!(s.poll(t0 + MS - Duration::from_nanos(1), true), Step::Wait);
+        assert_eq!(s.poll(t0 + MS, true), Step::Checkpoint(Trigger::Output));
+    }
+
+    #[test]
+    fn long_pauses_space_output_checkpoints_to_their_share_of_time() {
+        let t0 = Instant::now();
+        // Pauses may take a quarter of the guest's time: a 400 us pause, 1.6 ms apart.
+        let mut s = Scheduler::new(with_output(MS / 2, 0.25), t0);
+        s.checkpoint_taken(t0);
+        s.paused_for(Duration::from_micros(400));
+        s.output_waiting();
+        assert_eq!(s.poll(t0 + MS, true), Step::Wait);
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_micros(1600)));
+        assert_eq!(
+            s.poll(t0 + Duration::from_micros(1600), true),
+            Step::Checkpoint(Trigger::Output)
+        );
+        // Short pauses: the minimum gap is what counts.
+        let t1 = t0 + 2 * MS;
+        s.checkpoint_taken(t1);
+        s.paused_for(Duration::from_micros(50));
+        s.output_waiting();
+        assert_eq!(s.poll_timeout(), Some(t1 + MS / 2));
+        // And the trigger's gap never exceeds the epoch's deadline: that still ends it.
+        let t2 = t1 + MS;
+        s.checkpoint_taken(t2);
+        s.paused_for(Duration::from_secs(1));
+        s.output_waiting();
+        assert_eq!(s.poll_timeout(), Some(t2 + DIRTY_PEEK_EVERY));
+        assert_eq!(
+            s.poll(t2 + 20 * MS, true),
+            Step::Checkpoint(Trigger::Deadline)
+        );
+        let trigger = OutputTrigger {
+            min_gap: Duration::ZERO,
+            max_pause_share: 0.0,
+        };
+        assert_eq!(
+            trigger.gap(MS),
+            Duration::from_secs(1),
+            "share clamped to 0.1%"
+        );
+    }
+
+    #[test]
+    fn output_is_ignored_without_the_trigger() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(policy(), t0);
+        s.output_waiting();
+        assert_eq!(s.poll(t0 + MS, true), Step::Wait);
+        assert_eq!(s.poll_timeout(), Some(t0 + DIRTY_PEEK_EVERY));
+        assert_eq!(
+            s.poll(t0 + 20 * MS, true),
+            Step::Checkpoint(Trigger::Deadline)
+        );
+    }
+
+    #[test]
+    fn an_output_checkpoint_waits_for_a_free_slot_and_yields_to_the_deadline() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(with_output(Duration::ZERO, 1.0), t0);
+        s.output_waiting();
+        assert_eq!(s.poll(t0 + MS, false), Step::Wait);
+        assert_eq!(s.poll_timeout(), None, "only an event frees a slot");
+        assert_eq!(s.poll(t0 + 2 * MS, true), Step::Checkpoint(Trigger::Output));
+        // Deadline, dirty limit and stop come first when they are due too.
+        s.output_waiting();
+        assert_eq!(
+            s.poll(t0 + 20 * MS, true),
+            Step::Checkpoint(Trigger::Deadline)
+        );
+        s.dirty_observed(100, t0 + MS);
+        assert_eq!(s.poll(t0 + MS, true), Step::Checkpoint(Trigger::DirtyLimit));
         s.stop();
         assert_eq!(s.poll(t0 + MS, true), Step::Checkpoint(Trigger::Last));
     }

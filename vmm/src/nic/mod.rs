@@ -53,6 +53,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, error, warn};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
+use rmc_guest_api::OutputWaker;
 use rmc_netbuf::{Limits, NetBuf};
 
 use crate::layout::{ring, PAGE_BYTES, PAGE_SIZE};
@@ -135,6 +136,8 @@ pub struct OutputCommit {
     buf: parking_lot::Mutex<NetBuf<(SocketAddr, Vec<u8>)>>,
     socket: UdpSocket,
     gate: Option<SendGate>,
+    /// Called when a packet starts waiting for a checkpoint (the first since the last one).
+    waker: parking_lot::Mutex<Option<OutputWaker>>,
 }
 
 impl OutputCommit {
@@ -145,7 +148,38 @@ impl OutputCommit {
             buf: parking_lot::Mutex::new(NetBuf::new(limits)),
             socket,
             gate,
+            waker: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// Calls `waker` whenever a packet is held while none waited for a checkpoint (`None`:
+    /// stop); see [`rmc_guest_api::OutputCommit::watch_output`].
+    pub fn set_waker(&self, waker: Option<OutputWaker>) {
+        *self.waker.lock() = waker;
+    }
+
+    /// Whether packets wait for a checkpoint not taken yet.
+    pub fn waiting(&self) -> bool {
+        self.buf.lock().open_packets() > 0
+    }
+
+    /// Holds a packet the guest sent, or hands it back when the buffer is full. The first
+    /// packet of an open epoch wakes whoever watches (the primary, to checkpoint early).
+    fn hold(
+        &self,
+        packet: (SocketAddr, Vec<u8>),
+    ) -> Result<(), rmc_netbuf::Full<(SocketAddr, Vec<u8>)>> {
+        let first = {
+            let mut buf = self.buf.lock();
+            buf.push(packet)?;
+            buf.open_packets() == 1
+        };
+        if first {
+            if let Some(waker) = self.waker.lock().as_ref() {
+                waker.wake();
+            }
+        }
+        Ok(())
     }
 
     /// Packets sent so far belong to checkpoint `epoch`.
@@ -397,7 +431,7 @@ impl Nic {
                 Ok(dest) => {
                     if let Some(gate) = &self.output {
                         let packet = (dest, frame[HEADER_LEN..].to_vec());
-                        if gate.buf.lock().push(packet).is_err() {
+                        if gate.hold(packet).is_err() {
                             return;
                         }
                     } else {

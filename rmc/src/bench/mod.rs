@@ -11,6 +11,8 @@
 //! protected run it also measures the floors of a pause on the same VM: harvest of N dirty
 //! pages, memcpy of N scattered pages, state save. The JSON schema is in docs/bench-json.md.
 
+pub mod reply;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -176,11 +178,8 @@ pub struct Row {
 
 const SECRET: &[u8] = b"rmc bench in-process secret";
 
-/// Runs every configuration; `progress` gets a line per configuration (for stderr).
-pub fn run(c: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
-    let mut rows = Vec::new();
-    let total = c.transports.len() * c.vcpus.len() * c.epoch_ms.len() * c.dirty_pages.len();
-    // Refuse an unusable transport before booting anything.
+/// Refuses a transport that cannot be measured, before anything boots.
+pub fn check_transports(c: &BenchConfig) -> Result<()> {
     anyhow::ensure!(
         !c.transports.contains(&Transport::Auto),
         "rmc bench measures tcp or rdma, not auto"
@@ -190,6 +189,14 @@ pub fn run(c: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> 
             local_addr(t)?;
         }
     }
+    Ok(())
+}
+
+/// Runs every configuration; `progress` gets a line per configuration (for stderr).
+pub fn run(c: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let total = c.transports.len() * c.vcpus.len() * c.epoch_ms.len() * c.dirty_pages.len();
+    check_transports(c)?;
     for &t in &c.transports {
         for &v in &c.vcpus {
             for &e in &c.epoch_ms {
@@ -243,29 +250,7 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
     std::thread::sleep(Duration::from_secs(1));
     let unprotected_pages_per_s = (progress(&vm) - p0) as f64 / t0.elapsed().as_secs_f64();
 
-    let (addr, secret, standby) = match &c.standby {
-        Some((addr, secret)) => (*addr, secret.clone(), None),
-        None => {
-            let (mut sb, _) = Standby::bind_with(
-                local_addr(transport)?,
-                transport,
-                StandbyConfig {
-                    secret: SECRET.to_vec(),
-                    memory_bytes: Some(c.mem_size),
-                    heartbeat: c.heartbeat,
-                    restore: Some(std::sync::Arc::new(crate::restore::VmRestoreCheck)),
-                    ..Default::default()
-                },
-            )
-            .context("Cannot start the in-process standby")?;
-            let addr = sb.local_addr();
-            let h = std::thread::spawn(move || {
-                let s = sb.serve_one();
-                (sb, s)
-            });
-            (addr, SECRET.to_vec(), Some(h))
-        }
-    };
+    let (addr, secret, standby) = standby_for(c, transport)?;
     let mut pc = PrimaryConfig::new(addr, secret, c.mem_size / PAGE_SIZE);
     pc.transport = transport;
     pc.heartbeat = c.heartbeat;
@@ -388,6 +373,43 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
         link_efficiency: transmit_bytes_per_s / raw_bytes_per_s,
         primary_extra,
         standby_total,
+    })
+}
+
+/// A standby thread serving one session.
+type StandbyThread = std::thread::JoinHandle<(
+    Standby,
+    Result<rmc_mc::standby::Session, rmc_mc::standby::StandbyError>,
+)>;
+
+/// Where the primary of one measurement connects: `--standby`, or a standby in this process
+/// serving one session on a thread (returned, to join).
+fn standby_for(
+    c: &BenchConfig,
+    transport: Transport,
+) -> Result<(std::net::SocketAddr, Vec<u8>, Option<StandbyThread>)> {
+    Ok(match &c.standby {
+        Some((addr, secret)) => (*addr, secret.clone(), None),
+        None => {
+            let (mut sb, _) = Standby::bind_with(
+                local_addr(transport)?,
+                transport,
+                StandbyConfig {
+                    secret: SECRET.to_vec(),
+                    memory_bytes: Some(c.mem_size),
+                    heartbeat: c.heartbeat,
+                    restore: Some(std::sync::Arc::new(crate::restore::VmRestoreCheck)),
+                    ..Default::default()
+                },
+            )
+            .context("Cannot start the in-process standby")?;
+            let addr = sb.local_addr();
+            let h = std::thread::spawn(move || {
+                let s = sb.serve_one();
+                (sb, s)
+            });
+            (addr, SECRET.to_vec(), Some(h))
+        }
     })
 }
 
@@ -839,7 +861,7 @@ mod tests {
     /// change and must bump SCHEMA and the document.
     #[test]
     fn json_row_has_exactly_the_documented_keys() {
-        let doc = include_str!("../../docs/bench-json.md");
+        let doc = include_str!("../../../docs/bench-json.md");
         let v = serde_json::to_value(sample_row()).unwrap();
         let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
         for k in &keys {
