@@ -32,7 +32,9 @@
 //! released, its pages in the dirty log, and a later session resumes).
 //!
 //! Every wait is on an event (a call in the fake's log, a thread's result) with a hang guard
-//! ([`HANG_GUARD`]); nothing is timed except the silence the heartbeat test needs.
+//! ([`HANG_GUARD`]); nothing is timed except the silence the heartbeat test needs and the
+//! 300 ms in which the output test expects no checkpoint with its trigger off (epochs of an
+//! hour: nothing else could end one, however slow the machine).
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
