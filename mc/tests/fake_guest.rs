@@ -1241,7 +1241,6 @@ fn waiting_output_ends_the_epoch_and_leaves_with_its_ack() {
     let mut rig = Rig::new(FakeGuest::new(512), spread);
     let hour = Duration::from_secs(3600);
     let is_output = |c: &Call| matches!(c, Call::Output { .. });
-    let is_close = |c: &Call| matches!(c, Call::CloseOutput { .. });
 
     for trigger in [true, false] {
         let sb = rig.standby();
@@ -1260,12 +1259,34 @@ fn waiting_output_ends_the_epoch_and_leaves_with_its_ack() {
         let (guest, ctl) = (rig.guest.clone(), rig.ctl.clone());
         let session = rig.sessions + 1;
         let sender = std::thread::spawn(move || {
-            let start = guest.calls().len();
+            let send = || {
+                let mark = Call::Mark(session_mark(session));
+                assert!(
+                    guest.wait_for(HANG_GUARD, |calls| calls.contains(&mark)),
+                    "the session started"
+                );
+                let start = guest.calls().len();
+                packets(&guest, trigger, start)
+            };
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(send));
+            // Whatever happened, the session ends (a failed check must not hang it).
+            ctl.stop.store(true, Ordering::SeqCst);
+            if let Err(p) = r {
+                std::panic::resume_unwind(p);
+            }
+        });
+        fn packets(guest: &FakeGuest, trigger: bool, start: usize) {
+            let is_close = |c: &Call| matches!(c, Call::CloseOutput { .. });
             for k in 0..if trigger { PACKETS } else { 1 } {
-                // One packet, sent while no checkpoint is pending (the first one before the
-                // session even protects: it waits from then on).
+                // One packet, sent while no checkpoint is pending (the first one possibly
+                // before the session protects: it waits from then on).
+                let before = guest.calls().len();
                 guest.send_output();
-                let sent = guest.calls().len() - 1;
+                let sent = before
+                    + guest.calls()[before..]
+                        .iter()
+                        .position(|c| matches!(c, Call::Output { .. }))
+                        .expect("the packet is logged");
                 let released = |calls: &[Call]| {
                     let Some(j) = calls[sent..].iter().position(is_close) else {
                         return false;
@@ -1300,8 +1321,7 @@ fn waiting_output_ends_the_epoch_and_leaves_with_its_ack() {
                     );
                 }
             }
-            ctl.stop.store(true, Ordering::SeqCst);
-        });
+        }
         let out = rig.session(config);
         sender.join().expect("the sending thread's checks");
         let stats = out
