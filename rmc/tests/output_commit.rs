@@ -472,6 +472,35 @@ impl Drop for RaiseOnDrop {
     }
 }
 
+/// A real standby serving one session on a thread.
+fn real_standby() -> (
+    SocketAddr,
+    JoinHandle<Result<rmc_mc::standby::Session, rmc_mc::standby::StandbyError>>,
+) {
+    let mut sb = Standby::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        StandbyConfig {
+            secret: SECRET.to_vec(),
+            memory_bytes: Some(MEM),
+            heartbeat: HB,
+            ..StandbyConfig::default()
+        },
+    )
+    .unwrap();
+    (sb.local_addr(), std::thread::spawn(move || sb.serve_one()))
+}
+
+/// Joins a [`real_standby`]; its session must have ended well (a goodbye).
+fn finish_standby(
+    standby: JoinHandle<Result<rmc_mc::standby::Session, rmc_mc::standby::StandbyError>>,
+) -> rmc_mc::standby::Session {
+    let session = join("the standby", standby, LONG).expect("the standby's session");
+    if let Err(e) = &session.result {
+        panic!("the standby's session failed: {}", error_chain(e));
+    }
+    session
+}
+
 /// A running counter guest with output commit on (as `rmc primary` does before it connects).
 fn counter_vm(limits: rmc_netbuf::Limits) -> Arc<Vm> {
     let vm = Arc::new(
@@ -694,18 +723,7 @@ fn with_the_output_trigger_replies_leave_one_checkpoint_after_they_were_sent() {
     }
     init_logs();
     const REQUESTS: u64 = 20;
-    let mut sb = Standby::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        StandbyConfig {
-            secret: SECRET.to_vec(),
-            memory_bytes: Some(MEM),
-            heartbeat: HB,
-            ..StandbyConfig::default()
-        },
-    )
-    .unwrap();
-    let addr = sb.local_addr();
-    let standby = std::thread::spawn(move || sb.serve_one());
+    let (addr, standby) = real_standby();
     let vm = counter_vm(Default::default());
     let server = vm.nic_addr().unwrap();
     let primary = PrimaryThread::start_with(&vm, addr, |cfg| {
@@ -746,10 +764,7 @@ fn with_the_output_trigger_replies_leave_one_checkpoint_after_they_were_sent() {
         stats.output_checkpoints,
         stats.checkpoints_acked
     );
-    let session = join("the standby", standby, LONG).expect("the standby's session");
-    if let Err(e) = &session.result {
-        panic!("the standby's session failed: {}", error_chain(e));
-    }
+    finish_standby(standby);
 }
 
 #[test]
@@ -758,18 +773,7 @@ fn a_burst_past_the_output_buffer_gets_backpressure_not_loss() {
         return;
     }
     init_logs();
-    let mut sb = Standby::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        StandbyConfig {
-            secret: SECRET.to_vec(),
-            memory_bytes: Some(MEM),
-            heartbeat: HB,
-            ..StandbyConfig::default()
-        },
-    )
-    .unwrap();
-    let addr = sb.local_addr();
-    let standby = std::thread::spawn(move || sb.serve_one());
+    let (addr, standby) = real_standby();
     let limits = rmc_netbuf::Limits {
         max_bytes: 1 << 20,
         max_packets: 4,
@@ -828,9 +832,6 @@ fn a_burst_past_the_output_buffer_gets_backpressure_not_loss() {
 
     let pstats = primary.stop();
     assert!(pstats.checkpoints_acked > 0, "{pstats:?}");
-    let session = join("the standby", standby, LONG).expect("the standby's session");
-    if let Err(e) = &session.result {
-        panic!("the standby's session failed: {}", error_chain(e));
-    }
+    let session = finish_standby(standby);
     assert!(session.epochs > 0, "{session:?}");
 }

@@ -761,6 +761,9 @@ fn bench_against_an_external_standby() {
                 "32M",
                 "--dirty-pages",
                 "100,200",
+                // Two sessions, as many as the standby serves (the reply part would need six).
+                "--part",
+                "sweep",
             ])
             .args(HEARTBEAT)
             .args([
