@@ -18,8 +18,7 @@
 #   5. replication over RDMA with the guest still writing at the last checkpoint;
 #   6. `rmc demo --transport rdma --trials 10`: real `rmc standby` / `rmc primary` processes,
 #      the primary SIGKILLed at a random moment under checking clients, 10 times;
-#   7. `rmc bench --transport tcp,rdma`: the benchmark's RDMA path, every figure present,
-#      and reply latency over RDMA (unprotected, output trigger off and on).
+#   7. `rmc bench --transport tcp,rdma`: the benchmark's RDMA path, every figure present.
 # A step passes only if each test it names is reported passed by name, and the harness counted
 # exactly that many passes: a renamed or filtered-out test ("running 0 tests") fails the step.
 # Run the VM with one CPU (`run-in-vm.sh --cpus 1`, as `make test` does): with two, emulated
@@ -95,7 +94,7 @@ grep -q "over rdma\|standby listening on rdma" /tmp/step.txt || fail "rmc demo d
 
 step "rmc bench --transport tcp,rdma" timeout 900 "$rmc" --log warn bench --memory 64M \
     --dirty-pages 100,1000 --transport tcp,rdma --seconds 2 --heartbeat-ms 200 \
-    --heartbeat-misses 25 --reply-loads request --json
+    --heartbeat-misses 25 --part sweep --json
 python3 - /tmp/step.txt <<'PY' || fail "rmc bench --transport rdma: figures missing"
 import json, sys
 line = [l for l in open(sys.argv[1]) if l.startswith('{"')][-1]
@@ -109,14 +108,5 @@ for r in rdma:
         assert p["count"] > 0 and p["p50"] <= p["p99"] <= p["max"], (phase, p)
     assert r["raw_bytes_per_s"] > 0 and r["link_efficiency"] > 0, r
 print("rmc bench rdma rows:", [(r["dirty_pages"], r["checkpoints"]) for r in rdma])
-reply = [r for r in json.loads(line)["reply"] if r["transport"] == "rdma"]
-assert [r["trigger"] for r in reply] == ["unprotected", "off", "on"], reply
-for r in reply:
-    assert r["replies"] > 0 and r["latency_us"]["p50"] <= r["latency_us"]["p99"], r
-    if r["trigger"] != "unprotected":
-        assert r["checkpoints_per_s"] > 0 and r["pause_us"]["count"] > 0, r
-assert reply[2]["output_share"] > 0, reply[2]
-print("rmc bench rdma reply p50 us (unprotected, off, on):",
-      [r["latency_us"]["p50"] for r in reply])
 PY
 echo "rdma tests: ok"

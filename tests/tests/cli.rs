@@ -808,6 +808,8 @@ fn rmc_bench_rdma() -> Command {
         "0.1",
         "--dirty-pages",
         "100,1000",
+        "--part",
+        "sweep",
     ])
     .args(HEARTBEAT);
     c
