@@ -283,7 +283,9 @@ pub struct Primary<'g, G: Guest> {
     last_summary: (Instant, u64),
     /// Pages peeked from the dirty log during the current epoch (put back on failure).
     pending: DirtySet,
-    /// Checkpoints acknowledged so far (readable while `run` goes on).
+    /// Checkpoints acknowledged so far (readable while `run` goes on). With an arbiter it
+    /// counts only once the arbiter records this standby as current: from a non-zero count on,
+    /// the standby may take over.
     acked: Arc<AtomicU64>,
     /// This session's token (the Hello nonce, hex).
     token: String,
@@ -413,6 +415,8 @@ impl<'g, G: Guest> Primary<'g, G> {
     }
 
     /// A counter of checkpoints acknowledged, to watch progress while [`Primary::run`] runs.
+    /// It stays 0 until the standby may take over: with fencing, until the arbiter records it
+    /// as current (an ack alone does not let it go live).
     pub fn acked_counter(&self) -> Arc<AtomicU64> {
         self.acked.clone()
     }
@@ -893,7 +897,6 @@ impl<'g, G: Guest> Primary<'g, G> {
             );
             if f.kind == EpochKind::Checkpoint {
                 self.stats.checkpoints_acked += 1;
-                self.acked.fetch_add(1, Ordering::Relaxed);
                 let since =
                     |t: Instant| (now.saturating_duration_since(t).as_micros() as u64).max(1);
                 let _ = self.stats.ack_us.record(since(f.sent_at));
@@ -918,6 +921,8 @@ impl<'g, G: Guest> Primary<'g, G> {
             self.marked = true;
         }
         if self.marked {
+            self.acked
+                .store(self.stats.checkpoints_acked, Ordering::Release);
             self.guest.release_output(self.core.last_acked());
         }
         Ok(())

@@ -1362,6 +1362,104 @@ fn waiting_output_ends_the_epoch_and_leaves_with_its_ack() {
     }
 }
 
+/// An arbiter that records the current standby only when the test lets it: it reports each
+/// request, then waits for the test's word.
+#[derive(Debug)]
+struct SlowArbiter {
+    asked: Mutex<mpsc::Sender<String>>,
+    answer: Mutex<mpsc::Receiver<()>>,
+}
+
+impl rmc_mc::primary::Fencing for SlowArbiter {
+    fn fence(&self) -> u64 {
+        7
+    }
+
+    fn standby_current(&self, token: &str) -> Result<(), BoxError> {
+        let _ = self.asked.lock().send(token.to_string());
+        self.answer
+            .lock()
+            .recv_timeout(HANG_GUARD)
+            .map_err(|e| format!("the test never answered: {e}").into())
+    }
+}
+
+/// With an arbiter, a standby may take over only once the arbiter records it as current. Until
+/// then the primary's count of acknowledged checkpoints (what `rmc` reports as "the first
+/// checkpoint acknowledged", after which tests and operators may kill the primary) stays 0
+/// and no output leaves, although the standby already acknowledged a checkpoint.
+///
+/// Catches: the count published at the ack, before the arbiter's record (a primary killed in
+/// that window leaves a standby the arbiter calls stale: no failover), output released first.
+#[test]
+fn acks_count_and_output_leaves_only_once_the_arbiter_records_the_standby() {
+    const RUNS: u64 = 8;
+    let mut rig = Rig::new(FakeGuest::new(256), spread);
+    let sb = rig.standby();
+    let addr = sb.local_addr();
+    let serving = serve(sb);
+    let (asked_tx, asked) = mpsc::channel();
+    let (answer, answer_rx) = mpsc::channel();
+    let arbiter = Arc::new(SlowArbiter {
+        asked: Mutex::new(asked_tx),
+        answer: Mutex::new(answer_rx),
+    });
+    let mut config = rig.config(addr, Duration::from_millis(10), 64, 2);
+    config.fencing = Some(arbiter);
+    rig.ctl.stop_at(RUNS);
+    rig.guest.mark(session_mark(1));
+    rig.sessions += 1;
+    let (guest, ctl) = (rig.guest.clone(), rig.ctl.clone());
+    let (counter_tx, counter) = mpsc::channel();
+    let primary = std::thread::spawn(move || {
+        let p = Primary::connect(&*guest, config)
+            .unwrap_or_else(|e| panic!("cannot connect: {}", error_chain(&e)));
+        counter_tx.send(p.acked_counter()).unwrap();
+        p.run(&ctl.stop)
+    });
+    let acked = counter
+        .recv_timeout(HANG_GUARD)
+        .expect("the primary connected");
+    let token = asked
+        .recv_timeout(HANG_GUARD)
+        .expect("the primary asks the arbiter to record its standby");
+    assert_eq!(token.len(), 2 * NONCE_LEN, "the session's token: {token}");
+    let log = rig.log();
+    let range = log.session(1);
+    assert!(
+        !log.verified(range.clone()).is_empty(),
+        "the standby verified a checkpoint before the primary asked the arbiter"
+    );
+    assert_eq!(
+        acked.load(Ordering::SeqCst),
+        0,
+        "a checkpoint counted as acknowledged before the arbiter recorded the standby"
+    );
+    assert_eq!(
+        log.releases(range),
+        Vec::<u64>::new(),
+        "output released before the arbiter recorded the standby"
+    );
+    answer.send(()).unwrap();
+    let stats = primary
+        .join()
+        .expect("the primary thread")
+        .unwrap_or_else(|e| panic!("the session failed: {}", error_chain(&e)));
+    assert_eq!(acked.load(Ordering::SeqCst), stats.checkpoints_acked);
+    assert_eq!(stats.checkpoints_acked, RUNS + 1);
+    let (_sb, s) = serving.finish("session 1");
+    if let Err(e) = &s.result {
+        panic!("a stopped primary says goodbye: {}", error_chain(e));
+    }
+    let log = rig.log();
+    let range = log.session(1);
+    assert_eq!(log.releases(range).last(), Some(&stats.last_acked));
+    assert!(
+        asked.try_recv().is_err(),
+        "the arbiter is asked once per session"
+    );
+}
+
 /// A guest of two RAM regions with a gap between them (0 and 1 GiB) and two vCPUs: the
 /// layout reaches the standby, pages of both regions land at their guest addresses.
 ///

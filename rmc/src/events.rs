@@ -93,7 +93,8 @@ pub enum Event {
         resumed: bool,
     },
     /// `rmc: first checkpoint acknowledged: failover possible from now on`: the standby holds
-    /// a consistent checkpoint of this session (once per session).
+    /// a consistent checkpoint of this session and, with an arbiter, the arbiter records it as
+    /// the standby that may take over (once per session).
     FirstCheckpointAcked,
     /// `rmc: output commit: {released_packets} packets ({released_bytes} bytes) released after
     /// their checkpoint's ack, {held_packets} held at the end, {backpressure_events}
