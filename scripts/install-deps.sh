@@ -11,6 +11,8 @@ packages=(gcc libc6-dev make pkg-config iproute2 procps
     # The Soft-RoCE VM of soft-roce/run-in-vm.sh (the host kernel has no RDMA stack).
     qemu-system-x86 linux-image-amd64 busybox-static
     rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils
+    # The guest initramfs of guest-linux/build-initramfs.sh (with busybox-static above).
+    cpio
     # The arbiter that fences primaries (--arbiter etcd://...): tests start a real etcd.
     etcd-server)
 

@@ -197,6 +197,7 @@ fn vm_states() -> Vec<VmState> {
                 console: ConsoleState {
                     partial: vec![b"count".to_vec(), Vec::new()],
                 },
+                ..DeviceStates::default()
             },
         },
     ]

@@ -91,6 +91,13 @@ pub struct PrimaryConfig {
     /// End an epoch early when the guest has output waiting (`None`: never; see
     /// [`OutputTrigger`]).
     pub output_trigger: Option<OutputTrigger>,
+    /// Read the dirty log while the guest runs (default): the full sync goes in rounds while
+    /// it runs, and epochs are peeked at to end them at `max_dirty_pages`. `false`: only
+    /// while it is paused; the first checkpoint then carries everything dirtied during the
+    /// full sync, and `max_dirty_pages` does not end epochs. For platforms where reading the
+    /// dirty log of a running guest is not safe: nested KVM under QEMU's emulation, where a
+    /// Linux guest triple-faults within a minute of such reads (docs/DEVELOPING.md).
+    pub live_dirty_reads: bool,
     /// Pages per staging slot.
     pub slot_pages: usize,
     /// Number of staging slots.
@@ -124,6 +131,7 @@ impl PrimaryConfig {
             epoch_interval: Duration::from_millis(20),
             max_dirty_pages: slot_pages / 2,
             output_trigger: Some(OutputTrigger::default()),
+            live_dirty_reads: true,
             slot_pages,
             slots: 2,
             heartbeat: Heartbeat::default(),
@@ -486,12 +494,29 @@ impl<'g, G: Guest> Primary<'g, G> {
 
     /// The scheduling policy of this primary's settings.
     fn policy(&self) -> SchedulePolicy {
-        SchedulePolicy::new(
+        let policy = SchedulePolicy::new(
             self.config.epoch_interval,
             self.config.max_dirty_pages,
             self.config.slot_pages,
         )
-        .with_output(self.config.output_trigger)
+        .with_output(self.config.output_trigger);
+        if self.config.live_dirty_reads {
+            policy
+        } else {
+            policy.without_dirty_peek()
+        }
+    }
+
+    /// The dirty log during the full sync: read while the guest runs, or, without
+    /// [`PrimaryConfig::live_dirty_reads`], in a short pause.
+    fn sync_harvest(&self) -> Result<DirtySet, PrimaryError> {
+        if self.config.live_dirty_reads {
+            return self.guest.harvest().map_err(PrimaryError::Guest);
+        }
+        self.guest.pause().map_err(PrimaryError::Guest)?;
+        let set = self.guest.harvest();
+        self.guest.resume();
+        set.map_err(PrimaryError::Guest)
     }
 
     /// Tells the scheduler whether output waits, after an [`Event::Output`] (asking the guest:
@@ -588,7 +613,7 @@ impl<'g, G: Guest> Primary<'g, G> {
         let mut to_send = if self.resumed {
             // The standby holds a checkpoint of the previous session: everything written
             // since is in the dirty log (see `ResumePoint`).
-            let delta = self.guest.harvest().map_err(PrimaryError::Guest)?;
+            let delta = self.sync_harvest()?;
             info!(
                 pages = delta.len(),
                 from_epoch = self.core.last_acked(),
@@ -596,7 +621,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             );
             delta
         } else {
-            self.guest.harvest().map_err(PrimaryError::Guest)?;
+            self.sync_harvest()?;
             DirtySet::full(&self.guest.regions())
         };
         for round in 0.. {
@@ -610,6 +635,12 @@ impl<'g, G: Guest> Primary<'g, G> {
                 self.hand_over(EpochKind::Sync, slot, set, None)?;
             }
             self.stats.sync_pages += n as u64;
+            if !self.config.live_dirty_reads {
+                // One round: what the guest dirtied meanwhile goes into the first checkpoint
+                // (harvested in its pause).
+                to_send = DirtySet::empty(&self.guest.regions());
+                break;
+            }
             to_send = self.guest.harvest().map_err(PrimaryError::Guest)?;
             debug!(round, sent = n, dirtied = to_send.len(), "full sync round");
             if sched.sync_round_done(round, to_send.len()) == SyncStep::Done {

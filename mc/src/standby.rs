@@ -56,6 +56,13 @@ pub trait RestoreCheck: Send + Sync + std::fmt::Debug {
     /// Whether this checkpoint's state blob decodes and fits the layout (vCPU count, memory
     /// size): only then is the checkpoint applied and acknowledged.
     fn check_state(&self, state: &[u8], layout: &Layout) -> Result<(), BoxError>;
+    /// The standby now holds this checkpoint (applied; its ack goes out next): what the
+    /// guest's state carries for the standby to act on, such as console output it shows
+    /// (output commit at the standby). Called once per checkpoint, in order. The default does
+    /// nothing.
+    fn checkpoint_held(&self, state: &[u8]) {
+        let _ = state;
+    }
 }
 
 /// Fencing on the standby's side: only the primary that holds the arbiter's primary key may
@@ -850,6 +857,9 @@ impl Standby {
                 backup.state.extend_from_slice(state);
                 backup.checkpoint = Some(header.epoch);
                 backup.armed = true;
+                if let Some(check) = &self.config.restore {
+                    check.checkpoint_held(state);
+                }
             }
         }
         debug!(epoch = header.epoch, pages = index.len() / 8, kind = ?header.kind, "epoch applied");

@@ -83,7 +83,7 @@ impl std::fmt::Display for Inconsistent {
 impl std::error::Error for Inconsistent {}
 
 /// A child process killed when dropped.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -94,7 +94,7 @@ impl Drop for Proc {
 
 /// A line of a child's output: an event (stdout, `--json`) or any other line (its log on
 /// stderr, which joins the events so that a failed trial can show it).
-enum Line {
+pub(crate) enum Line {
     Event(Event),
     Text(String),
 }
@@ -109,7 +109,11 @@ impl std::fmt::Display for Line {
 }
 
 /// Starts `rmc --json ARGS`; its events and other lines come through the channel.
-fn spawn(exe: &Path, name: &'static str, args: &[String]) -> Result<(Proc, mpsc::Receiver<Line>)> {
+pub(crate) fn spawn(
+    exe: &Path,
+    name: &'static str,
+    args: &[String],
+) -> Result<(Proc, mpsc::Receiver<Line>)> {
     let mut child = Command::new(exe)
         .arg("--json")
         .args(args)
@@ -146,9 +150,20 @@ fn wait_for<T>(
     rx: &mpsc::Receiver<Line>,
     who: &str,
     what: &str,
+    pick: impl FnMut(Event) -> Option<T>,
+) -> Result<T> {
+    wait_for_within(rx, who, what, Duration::from_secs(20), pick)
+}
+
+/// [`wait_for`] with another limit.
+pub(crate) fn wait_for_within<T>(
+    rx: &mpsc::Receiver<Line>,
+    who: &str,
+    what: &str,
+    within: Duration,
     mut pick: impl FnMut(Event) -> Option<T>,
 ) -> Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + within;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
@@ -158,7 +173,7 @@ fn wait_for<T>(
                 }
             }
             Ok(Line::Text(_)) => {}
-            Err(_) => bail!("{who} did not report {what} within 20 s"),
+            Err(_) => bail!("{who} did not report {what} within {within:?}"),
         }
     }
 }

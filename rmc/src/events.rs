@@ -334,6 +334,24 @@ pub enum Event {
         /// From the kill to the first reply after it, ms.
         failover_ms: u64,
     },
+    /// `trial {trial}: killed the primary {kill_after_s:.2} s into the guest's output (booted in
+    /// {boot_s:.1} s); seq 1..{shown_at_kill} shown before the kill, then the standby's guest
+    /// went on to {last}, none repeated or skipped; failover (kill to next line) {failover_ms}
+    /// ms`: a trial of `rmc demo --guest linux` whose console stayed consistent.
+    DemoLinuxTrial {
+        /// The trial, from 1.
+        trial: u32,
+        /// Seconds from the guest's first `seq` line to the kill.
+        kill_after_s: f64,
+        /// Seconds from starting the primary to the first `seq` line shown.
+        boot_s: f64,
+        /// The highest number shown when the primary was killed.
+        shown_at_kill: u64,
+        /// The highest number shown at the end (1..=last, each once).
+        last: u64,
+        /// From the kill to the next number shown, ms.
+        failover_ms: u64,
+    },
     /// `  standby: failed over at epoch ...`: what the standby said about the failover of the
     /// first trial.
     DemoStandby(FailedOver),
@@ -712,6 +730,20 @@ impl fmt::Display for Event {
                  client(s), {requests} requests, {replies} replies ({late} late, \
                  {from_elsewhere} from other addresses), {needed_resend} needed a resend \
                  ({resends} resends); failover (kill to first reply) {failover_ms} ms; consistent"
+            ),
+            Event::DemoLinuxTrial {
+                trial,
+                kill_after_s,
+                boot_s,
+                shown_at_kill,
+                last,
+                failover_ms,
+            } => write!(
+                f,
+                "trial {trial:>2}: killed the primary {kill_after_s:.2} s into the guest's output \
+                 (booted in {boot_s:.1} s); seq 1..{shown_at_kill} shown before the kill, then \
+                 the standby's guest went on to {last}, none repeated or skipped; failover \
+                 (kill to next line) {failover_ms} ms"
             ),
             Event::DemoStandby(fo) => {
                 f.write_str("  standby: ")?;
@@ -1102,6 +1134,19 @@ mod tests {
                 "trial  1: killed the primary after 3.00 s; 2 client(s), 5000 requests, 5002 \
                  replies (2 late, 0 from other addresses), 2 needed a resend (3 resends); \
                  failover (kill to first reply) 25 ms; consistent",
+            ),
+            (
+                Event::DemoLinuxTrial {
+                    trial: 1,
+                    kill_after_s: 2.0,
+                    boot_s: 41.04,
+                    shown_at_kill: 52,
+                    last: 92,
+                    failover_ms: 850,
+                },
+                "trial  1: killed the primary 2.00 s into the guest's output (booted in 41.0 s); \
+                 seq 1..52 shown before the kill, then the standby's guest went on to 92, none \
+                 repeated or skipped; failover (kill to next line) 850 ms",
             ),
             (
                 Event::DemoStandby(failed_over()),

@@ -16,6 +16,7 @@
 pub mod bench;
 pub mod checker;
 pub mod demo;
+pub mod demo_linux;
 pub mod events;
 pub mod fencing;
 pub mod restore;

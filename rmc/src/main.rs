@@ -97,6 +97,13 @@ struct PrimaryArgs {
     /// End an epoch early once this many pages are dirty (default: half a slot).
     #[arg(long)]
     max_dirty_pages: Option<usize>,
+    /// Read the dirty log while the guest runs (`on`: the full sync in rounds while it runs,
+    /// --max-dirty-pages watched every 2 ms) or only while it is paused (`off`: the first
+    /// checkpoint carries what the guest dirtied during the full sync; --max-dirty-pages does
+    /// not apply). `off` is for nested KVM under QEMU's emulation (the Soft-RoCE VM), where
+    /// such reads make a Linux guest triple-fault.
+    #[arg(long, value_enum, default_value = "on")]
+    live_dirty_reads: OnOff,
     #[command(flatten)]
     output_trigger: OutputTriggerArgs,
     /// Pages per staging slot (default: an eighth of guest memory, 1,024 to 65,536).
@@ -152,6 +159,10 @@ struct StandbyArgs {
     /// see `rmc devices`).
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// After a failover of a Linux guest (`rmc primary --kernel`): where its serial console
+    /// goes, `stdout`, `none`, or a file to append to.
+    #[arg(long, default_value = "stdout", value_name = "stdout|none|FILE")]
+    console: String,
     /// Transport: `rdma`, `tcp`, or `auto`: RDMA when a usable RDMA device has the listen
     /// address (any usable device for 0.0.0.0), TCP otherwise (the choice is printed).
     #[arg(long, default_value = "auto")]
@@ -203,6 +214,26 @@ struct DevicesArgs {
 
 #[derive(Parser, Debug)]
 struct DemoArgs {
+    /// The guest: `builtin` (the counter service, checked by clients) or `linux` (a stock
+    /// kernel whose init prints `seq N` every 50 ms on its serial console, checked line by
+    /// line; needs --initrd and a KVM that runs stock kernels, see docs/DEVELOPING.md).
+    #[arg(long, value_enum, default_value = "builtin")]
+    guest: GuestArg,
+    /// With --guest linux: the kernel [default: the newest /boot/vmlinuz-*].
+    #[arg(long, value_name = "BZIMAGE")]
+    kernel: Option<std::path::PathBuf>,
+    /// With --guest linux: an initramfs built by `guest-linux/build-initramfs.sh --service seq`.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<std::path::PathBuf>,
+    /// With --guest linux: vCPUs.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
+    /// With --guest linux: seconds the guest may take to boot.
+    #[arg(long, default_value_t = 300.0)]
+    boot_timeout: f64,
+    /// Passed to the primary (see `rmc primary --help`).
+    #[arg(long, value_enum, default_value = "on")]
+    live_dirty_reads: OnOff,
     /// Guest memory size.
     #[arg(long, default_value = "256M")]
     memory: String,
@@ -238,6 +269,15 @@ struct DemoArgs {
     /// Testing only: passed to the primary (see `rmc primary --inject-fault`).
     #[arg(long, value_enum, hide = true)]
     inject_fault: Option<Fault>,
+}
+
+/// What `rmc demo` protects.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum GuestArg {
+    /// The built-in counter service.
+    Builtin,
+    /// A stock Linux kernel.
+    Linux,
 }
 
 /// A guarantee broken on purpose, so that tests can show the checkers catching it.
@@ -481,12 +521,38 @@ impl SecretArgs {
 
 #[derive(Parser, Debug)]
 struct VmArgs {
-    /// Guest memory size: bytes, or with a K, M or G suffix (16M to 11G).
+    /// Guest memory size: bytes, or with a K, M or G suffix (16M to 11G for the built-in
+    /// guest; up to 64G with --kernel, where RAM above 3G sits above 4 GiB).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     memory: u64,
-    /// Number of vCPUs (1 to 4). vCPUs beyond the --workload list are idle.
+    /// Number of vCPUs (1 to 4 for the built-in guest, where vCPUs beyond the --workload list
+    /// are idle; up to 254 with --kernel, default 1 there).
     #[arg(long)]
     vcpus: Option<usize>,
+    /// Boot this stock Linux kernel (a bzImage, such as /boot/vmlinuz-*) instead of the
+    /// built-in guest program. The VM then is a PC: in-kernel PIC, IOAPIC, LAPICs and PIT,
+    /// the KVM clock, an MP table for SMP, a 16550 on COM1 as its console (see --console) and
+    /// an i8042 for reboot; --workload does not apply. It needs a KVM that runs stock kernels
+    /// (see docs/DEVELOPING.md, "Linux guests").
+    #[arg(long, value_name = "BZIMAGE")]
+    kernel: Option<std::path::PathBuf>,
+    /// Initial ramdisk for --kernel (guest-linux/build-initramfs.sh builds one from the
+    /// installed busybox-static and kernel modules).
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<std::path::PathBuf>,
+    /// Kernel command line for --kernel [default: the VMM's, which puts the console on
+    /// ttyS0 and reboots through the i8042 on panic; see `rmc_vmm::linux::DEFAULT_CMDLINE`].
+    #[arg(long, requires = "kernel")]
+    cmdline: Option<String>,
+    /// Where the guest's serial console (COM1, with --kernel) goes: `stdout`, `none`, or a
+    /// file to append to.
+    #[arg(long, default_value = "stdout", value_name = "stdout|none|FILE")]
+    console: String,
+    /// With --kernel under protection: hold the serial console's output until the standby
+    /// acknowledged the checkpoint that produced it, like network packets (`on`), or show it
+    /// at once (`off`, for debugging: after a failover the console may repeat lines it showed).
+    #[arg(long, value_enum, default_value = "on")]
+    console_commit: OnOff,
     /// Workloads, one per vCPU in order, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "counter,dirtier")]
     workload: Vec<WorkloadArg>,
@@ -621,6 +687,9 @@ fn main() -> ExitCode {
 
 /// Builds and starts the VM described by `a`; prints what runs and where it listens.
 fn start_vm(a: &VmArgs) -> Result<(Vm, Vec<Workload>)> {
+    if let Some(kernel) = &a.kernel {
+        return start_linux(a, kernel);
+    }
     let vcpus = a.vcpus.unwrap_or(a.workload.len());
     if a.workload.len() > vcpus {
         bail!(
@@ -644,6 +713,7 @@ fn start_vm(a: &VmArgs) -> Result<(Vm, Vec<Workload>)> {
         mem_size: a.memory,
         workloads: workloads.clone(),
         nic_addr: Some(a.listen),
+        ..Default::default()
     };
     let vm = Vm::new(&config).context("Cannot start the VM")?;
     vm.resume();
@@ -664,6 +734,46 @@ fn start_vm(a: &VmArgs) -> Result<(Vm, Vec<Workload>)> {
     if workloads.contains(&Workload::Counter) {
         emit(&Event::ServiceListening { addr });
     }
+    Ok((vm, workloads))
+}
+
+/// Where `--console` sends the serial console.
+fn console_to(arg: &str) -> rmc_vmm::vm::ConsoleTo {
+    match arg {
+        "stdout" | "-" => rmc_vmm::vm::ConsoleTo::Stdout,
+        "none" => rmc_vmm::vm::ConsoleTo::Discard,
+        path => rmc_vmm::vm::ConsoleTo::File(path.into()),
+    }
+}
+
+/// Builds and starts a PC VM booting the stock kernel of `--kernel`.
+fn start_linux(a: &VmArgs, kernel: &std::path::Path) -> Result<(Vm, Vec<Workload>)> {
+    let vcpus = a.vcpus.unwrap_or(1);
+    let workloads = vec![Workload::Idle; vcpus];
+    let config = VmConfig {
+        mem_size: a.memory,
+        workloads: workloads.clone(),
+        nic_addr: Some(a.listen),
+        pc: true,
+        linux: Some(rmc_vmm::linux::LinuxBoot {
+            kernel: kernel.to_path_buf(),
+            initrd: a.initrd.clone(),
+            cmdline: a
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| rmc_vmm::linux::DEFAULT_CMDLINE.to_string()),
+        }),
+        console: console_to(&a.console),
+    };
+    let vm = Vm::new(&config)
+        .with_context(|| format!("Cannot start a VM with the kernel {}", kernel.display()))?;
+    vm.set_console_commit(a.console_commit == OnOff::On);
+    vm.resume();
+    emit(&Event::VmRunning {
+        memory_mib: a.memory >> 20,
+        vcpus,
+        workloads: vec!["linux".to_string(); vcpus],
+    });
     Ok((vm, workloads))
 }
 
@@ -770,6 +880,7 @@ fn primary(a: PrimaryArgs) -> Result<ExitCode> {
         bail!("--slots must be at least 2 (one epoch staged while another is in flight)");
     }
     config.slots = a.slots;
+    config.live_dirty_reads = a.live_dirty_reads == OnOff::On;
     config.heartbeat = a.heartbeat.get();
     config.summary_every = Duration::from_secs_f64(a.summary_interval.max(0.1));
     config.protect_for = a.duration.map(|d| Duration::from_secs_f64(d.max(0.0)));
@@ -963,7 +1074,14 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
         memory_bytes: a.memory,
         heartbeat: a.heartbeat.get(),
         // Acknowledge only checkpoints this VMM can restore.
-        restore: Some(std::sync::Arc::new(rmc::restore::VmRestoreCheck)),
+        // Show the console output of a Linux guest's checkpoints once they are held.
+        restore: Some(std::sync::Arc::new(
+            rmc::restore::VmRestoreCheck::with_console(
+                console_to(&a.console)
+                    .open()
+                    .with_context(|| format!("Cannot open the console output {}", a.console))?,
+            ),
+        )),
         handshake_timeout: Duration::from_secs_f64(a.handshake_timeout.max(0.1)),
         // Only the primary the arbiter names may protect this standby.
         fencing: a.arbiter.arbiter.as_ref().map(|ep| {
@@ -1001,7 +1119,16 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
             if let Some(service) = a.service_addr {
                 let bind_timeout = Duration::from_secs_f64(a.bind_timeout.max(0.0));
                 let Some(ep) = &a.arbiter.arbiter else {
-                    return failover(&mut sb, &s, service, a.run_for, None, bind_timeout, next);
+                    return failover(
+                        &mut sb,
+                        &s,
+                        service,
+                        a.run_for,
+                        None,
+                        bind_timeout,
+                        next,
+                        console_to(&a.console),
+                    );
                 };
                 // Go live only after winning the arbiter's primary key: the lost primary's
                 // lease must run out first, so it can never release again.
@@ -1026,6 +1153,7 @@ fn standby(a: StandbyArgs) -> Result<ExitCode> {
                             Some(f),
                             bind_timeout,
                             next,
+                            console_to(&a.console),
                         )
                     }
                     Err(why) => {
@@ -1080,7 +1208,7 @@ fn devices(a: DevicesArgs) -> Result<ExitCode> {
 
 fn demo(a: DemoArgs) -> Result<ExitCode> {
     let c = rmc::demo::DemoConfig {
-        memory: a.memory,
+        memory: a.memory.clone(),
         after: Duration::from_secs_f64(a.after.max(0.2)),
         transport: a.transport,
         heartbeat: vec![
@@ -1110,12 +1238,18 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
                 "--output-max-pause-percent".into(),
                 t.output_max_pause_percent.to_string(),
             ];
+            if a.live_dirty_reads == OnOff::Off {
+                extra.extend(["--live-dirty-reads".into(), "off".into()]);
+            }
             if a.inject_fault == Some(Fault::ReleaseBeforeAck) {
                 extra.extend(["--inject-fault".into(), "release-before-ack".into()]);
             }
             extra
         },
     };
+    if a.guest == GuestArg::Linux {
+        return demo_linux(&a, &c);
+    }
     let trials = a.trials.max(1);
     let base = Duration::from_secs_f64(a.kill_after.max(0.1));
     let exe = rmc::demo::current_exe()?;
@@ -1180,6 +1314,110 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
         max_ms: q(1.0),
     });
     Ok(ExitCode::SUCCESS)
+}
+
+/// Kill moments: the first at `base`, the others spread over [0.5, 1.5) of it in a
+/// low-discrepancy sequence seeded by the clock, so every run hits other moments.
+fn kill_moments(base: Duration, trials: u32) -> Vec<Duration> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| f64::from(d.subsec_nanos()) / 1e9)
+        .unwrap_or(0.0);
+    (0..trials)
+        .map(|i| match i {
+            0 => base,
+            _ => base.mul_f64(0.5 + (seed + f64::from(i) * 0.618_034).fract()),
+        })
+        .collect()
+}
+
+/// `rmc demo --guest linux`.
+fn demo_linux(a: &DemoArgs, c: &rmc::demo::DemoConfig) -> Result<ExitCode> {
+    let kernel = match &a.kernel {
+        Some(k) => k.clone(),
+        None => newest_kernel()?,
+    };
+    let initrd = a.initrd.clone().context(
+        "--guest linux needs --initrd: build one with `guest-linux/build-initramfs.sh --service seq -o seq.cpio.gz`",
+    )?;
+    let lc = rmc::demo_linux::LinuxDemoConfig {
+        kernel,
+        initrd,
+        memory: c.memory.clone(),
+        vcpus: a.vcpus.max(1),
+        transport: c.transport,
+        standby_ip: c.standby_ip,
+        heartbeat: c.heartbeat.clone(),
+        boot_timeout: Duration::from_secs_f64(a.boot_timeout.max(1.0)),
+        // One second of output at 50 ms a line.
+        after_lines: 20,
+        primary_extra: c.primary_extra.clone(),
+    };
+    let trials = a.trials.max(1);
+    let exe = rmc::demo::current_exe()?;
+    emit(&Event::DemoStarted { trials });
+    let start = Instant::now();
+    let mut times = Vec::new();
+    let moments = kill_moments(Duration::from_secs_f64(a.kill_after.max(0.1)), trials);
+    for (i, kill_after) in moments.into_iter().enumerate() {
+        let i = i as u32;
+        let mut say = |m: &str| {
+            emit(&Event::DemoStory {
+                text: m.to_string(),
+            })
+        };
+        let t = match rmc::demo_linux::run_linux_trial(&exe, &lc, kill_after, i, &mut say) {
+            Ok(t) => t,
+            Err(e) => {
+                emit(&Event::DemoTrialFailed {
+                    trial: i + 1,
+                    error: format!("{e:#}"),
+                    inconsistency: None,
+                });
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        emit(&Event::DemoLinuxTrial {
+            trial: i + 1,
+            kill_after_s: kill_after.as_secs_f64(),
+            boot_s: t.boot.as_secs_f64(),
+            shown_at_kill: t.shown_at_kill,
+            last: t.last,
+            failover_ms: t.failover.as_millis() as u64,
+        });
+        if i == 0 {
+            emit(&Event::DemoStandby(t.standby));
+        }
+        times.push(t.failover.as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    let q = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+    emit(&Event::DemoSummary {
+        trials: times.len(),
+        seconds: start.elapsed().as_secs_f64(),
+        min_ms: q(0.0),
+        p50_ms: q(0.5),
+        p90_ms: q(0.9),
+        max_ms: q(1.0),
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The newest /boot/vmlinuz-*.
+fn newest_kernel() -> Result<std::path::PathBuf> {
+    let mut kernels: Vec<_> = std::fs::read_dir("/boot")
+        .context("Cannot list /boot to find a kernel (give --kernel)")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+        .collect();
+    kernels.sort();
+    kernels
+        .pop()
+        .context("No /boot/vmlinuz-* (install linux-image-amd64 or give --kernel)")
 }
 
 fn bench(a: BenchArgs, json: bool) -> Result<ExitCode> {
@@ -1277,6 +1515,7 @@ fn bench(a: BenchArgs, json: bool) -> Result<ExitCode> {
 }
 
 /// The primary is lost: run the VM from the backup on the service address.
+#[allow(clippy::too_many_arguments)] // what the standby loop knows, each used once
 fn failover(
     sb: &mut rmc_mc::standby::Standby,
     session: &rmc_mc::standby::Session,
@@ -1285,6 +1524,7 @@ fn failover(
     fence: Option<fencing::Fence>,
     bind_timeout: Duration,
     next: Option<rmc_mc::primary::PrimaryConfig>,
+    console: rmc_vmm::vm::ConsoleTo,
 ) -> Result<ExitCode> {
     sb.stop_listening();
     let backup = sb.take_backup().expect("checked by the caller");
@@ -1301,6 +1541,9 @@ fn failover(
         // Restoring ignores the workloads: the vCPUs continue from their saved state.
         workloads: vec![Workload::Idle; backup.layout.vcpus as usize],
         nic_addr: Some(service),
+        // A PC VM (a Linux guest) if the state is of one.
+        console,
+        ..Default::default()
     };
     // The address may still be held by the old primary (same host): a dying one lets go at
     // once; a frozen one, fenced, exits when it wakes.

@@ -46,7 +46,7 @@ fn a_multi_gib_full_sync_with_every_core_busy_is_no_loss() {
             secret: SECRET.to_vec(),
             memory_bytes: Some(MEM),
             heartbeat: Heartbeat::default(),
-            restore: Some(Arc::new(VmRestoreCheck)),
+            restore: Some(Arc::new(VmRestoreCheck::default())),
             ..StandbyConfig::default()
         },
     )
@@ -65,6 +65,7 @@ fn a_multi_gib_full_sync_with_every_core_busy_is_no_loss() {
             }),
         ],
         nic_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
     })
     .unwrap();
     vm.resume();

@@ -508,6 +508,7 @@ fn counter_vm(limits: rmc_netbuf::Limits) -> Arc<Vm> {
             mem_size: MEM,
             workloads: vec![Workload::Counter],
             nic_addr: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
         })
         .unwrap(),
     );

@@ -204,6 +204,7 @@ fn replicate(transport: Transport, min_epochs: u64, limit: u64, hb: Heartbeat) {
             }),
         ],
         nic_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
     };
     let vm = Vm::new(&cfg).unwrap();
     vm.resume();
@@ -418,6 +419,7 @@ fn rdma_failover_trials_in_process() {
                 }),
             ],
             nic_addr: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
         };
         let vm = Vm::new(&cfg).unwrap();
         vm.enable_output_commit(rmc_netbuf::Limits {

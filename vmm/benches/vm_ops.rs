@@ -15,6 +15,7 @@ fn vm(mem_size: u64, workloads: Vec<Workload>) -> Vm {
         mem_size,
         workloads,
         nic_addr: None,
+        ..Default::default()
     })
     .expect("VM (does this machine have /dev/kvm?)");
     vm.resume();

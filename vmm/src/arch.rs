@@ -113,6 +113,9 @@ pub fn vcpu_cpuid(supported: &CpuId, vcpu: u8, vcpus: u8) -> CpuId {
                 // EBX[31:24] initial APIC id, EBX[23:16] logical processor count.
                 entry.ebx =
                     (entry.ebx & 0x0000_ffff) | (u32::from(vcpu) << 24) | (u32::from(vcpus) << 16);
+                // ECX[31]: running under a hypervisor. A stock kernel looks for KVM's leaves
+                // (0x4000_0000, which KVM supplies) only then, and so finds the KVM clock.
+                entry.ecx |= 1 << 31;
             }
             0xb | 0x1f => entry.edx = u32::from(vcpu),
             _ => {}

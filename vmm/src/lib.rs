@@ -9,6 +9,10 @@
 //! - [`bus`]: the port I/O and MMIO buses: address ranges mapped to devices;
 //! - [`nic`]: the paravirtual NIC (rings in guest memory, UDP on the host side); the console
 //!   and the guest control ports are the other devices on the port bus;
+//! - for a PC VM, one that boots a stock Linux kernel: [`linux`] (bzImage loading, boot
+//!   parameters, MP table, boot vCPU state), [`platform`] (KVM's in-kernel PICs, IOAPIC,
+//!   LAPICs, PIT and clock) and COM1 + i8042 on the port bus, COM1's output held by output
+//!   commit ([`ConsoleOutput`]);
 //! - [`vm`]: the [`Vm`]: create, boot, pause/resume (with a deadline), save/restore, harvest
 //!   dirty pages;
 //! - [`state`]: the vCPU + device state a checkpoint carries, put together from the parts'
@@ -26,13 +30,16 @@ mod devices;
 pub mod dirty;
 pub mod guest;
 pub mod layout;
+pub mod linux;
 pub mod nic;
 pub mod persist;
+pub mod platform;
 pub mod service;
 pub mod state;
 mod vcpu;
 pub mod vm;
 
+pub use devices::serial::{ConsoleEmitter, ConsoleOutput, ConsoleSink, ConsoleStats};
 pub use dirty::DirtyTracker;
 pub use rmc_guest_api::DirtySet;
 pub use state::{DeviceStates, VmState};

@@ -22,9 +22,12 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use crate::devices::cmos::CmosState;
 pub use crate::devices::console::ConsoleState;
+pub use crate::devices::serial::SerialState;
 use crate::nic::NicState;
 use crate::persist::{self, Section, Versioned};
+pub use crate::platform::PlatformState;
 
 /// First bytes of an encoded [`VmState`].
 pub const MAGIC: [u8; 4] = *b"RMCS";
@@ -74,22 +77,45 @@ impl Versioned for VcpuState {
 }
 
 /// The saved state of every device of the VM, one field per device. Each is encoded as its
-/// own section, with the device's own version.
+/// own section, with the device's own version. Every VM has the NIC and the console; a VM
+/// built to run a stock kernel (a PC VM) also has the PC platform (interrupt controllers,
+/// PIT, clock, LAPICs), the COM1 UART and the CMOS: all three or none.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceStates {
     /// The NIC.
     pub nic: NicState,
     /// The console.
     pub console: ConsoleState,
+    /// The in-kernel platform devices (PC VMs only).
+    pub platform: Option<PlatformState>,
+    /// The COM1 UART (PC VMs only).
+    pub serial: Option<SerialState>,
+    /// The CMOS/RTC (PC VMs only).
+    pub cmos: Option<CmosState>,
 }
 
 impl DeviceStates {
     /// The devices' sections' bytes, in encoding order.
-    fn encode(&self) -> [(&'static str, u32, Vec<u8>); 2] {
+    fn encode(&self) -> Vec<(&'static str, u32, Vec<u8>)> {
         fn part<S: Versioned>(s: &S) -> (&'static str, u32, Vec<u8>) {
             (S::NAME, S::VERSION, persist::to_bytes(s))
         }
-        [part(&self.nic), part(&self.console)]
+        let mut parts = vec![part(&self.nic), part(&self.console)];
+        if let Some(p) = &self.platform {
+            parts.push(part(p));
+        }
+        if let Some(s) = &self.serial {
+            parts.push(part(s));
+        }
+        if let Some(c) = &self.cmos {
+            parts.push(part(c));
+        }
+        parts
+    }
+
+    /// Whether these are the devices of a PC VM (one that runs a stock kernel).
+    pub fn is_pc(&self) -> bool {
+        self.platform.is_some()
     }
 
     /// Each known device exactly once, in any order.
@@ -106,11 +132,20 @@ impl DeviceStates {
         }
         let mut nic = None;
         let mut console = None;
+        let mut platform = None;
+        let mut serial = None;
+        let mut cmos = None;
         for section in sections {
             if section.name == NicState::NAME {
                 take(&mut nic, section)?;
             } else if section.name == ConsoleState::NAME {
                 take(&mut console, section)?;
+            } else if section.name == PlatformState::NAME {
+                take(&mut platform, section)?;
+            } else if section.name == SerialState::NAME {
+                take(&mut serial, section)?;
+            } else if section.name == CmosState::NAME {
+                take(&mut cmos, section)?;
             } else {
                 return Err(StateError::UnknownDevice(persist::shorten(section.name)));
             }
@@ -118,6 +153,9 @@ impl DeviceStates {
         Ok(DeviceStates {
             nic: nic.ok_or(StateError::MissingDevice(NicState::NAME))?,
             console: console.ok_or(StateError::MissingDevice(ConsoleState::NAME))?,
+            platform,
+            serial,
+            cmos,
         })
     }
 
@@ -127,7 +165,18 @@ impl DeviceStates {
             persist::check(s, &format_args!("device {}", S::NAME))
         }
         one(&self.nic)?;
-        one(&self.console)
+        one(&self.console)?;
+        match (&self.platform, &self.serial, &self.cmos) {
+            (Some(p), Some(s), Some(c)) => {
+                one(p)?;
+                one(s)?;
+                one(c)
+            }
+            (None, None, None) => Ok(()),
+            (None, ..) => Err(StateError::MissingDevice(PlatformState::NAME)),
+            (_, None, _) => Err(StateError::MissingDevice(SerialState::NAME)),
+            (.., None) => Err(StateError::MissingDevice(CmosState::NAME)),
+        }
     }
 }
 
@@ -274,6 +323,15 @@ impl VmState {
         for (i, v) in self.vcpus.iter().enumerate() {
             persist::check(v, &format_args!("vCPU {i}"))?;
         }
+        if let Some(p) = &self.devices.platform {
+            if p.lapics.len() != self.vcpus.len() {
+                return Err(StateError::Mismatch(format!(
+                    "{} local APICs for {} vCPUs",
+                    p.lapics.len(),
+                    self.vcpus.len()
+                )));
+            }
+        }
         self.devices.check()
     }
 }
@@ -313,8 +371,77 @@ mod tests_support {
                 console: ConsoleState {
                     partial: vec![b"abc".to_vec()],
                 },
+                ..Default::default()
             },
         }
+    }
+
+    /// [`sample`] as a PC VM's state (platform and UART).
+    pub(super) fn pc_sample() -> VmState {
+        let mut s = sample();
+        let chip = |id| kvm_bindings::kvm_irqchip {
+            chip_id: id,
+            ..Default::default()
+        };
+        let mut lapic = kvm_bindings::kvm_lapic_state::default();
+        lapic.regs[0x20] = 5;
+        s.devices.platform = Some(PlatformState {
+            pic_master: chip(kvm_bindings::KVM_IRQCHIP_PIC_MASTER),
+            pic_slave: chip(kvm_bindings::KVM_IRQCHIP_PIC_SLAVE),
+            ioapic: chip(kvm_bindings::KVM_IRQCHIP_IOAPIC),
+            pit: Default::default(),
+            clock: kvm_bindings::kvm_clock_data {
+                clock: 123_456_789,
+                ..Default::default()
+            },
+            lapics: vec![lapic],
+        });
+        s.devices.serial = Some(SerialState {
+            output_offset: 77,
+            output: b"seq 9\n".to_vec(),
+            ..Default::default()
+        });
+        s.devices.cmos = Some(CmosState { index: 0x0a });
+        s
+    }
+}
+
+#[cfg(test)]
+mod pc_tests {
+    use super::tests_support::pc_sample;
+    use super::*;
+
+    #[test]
+    fn a_pc_vms_state_round_trips_and_its_parts_are_checked() {
+        let s = pc_sample();
+        let back = VmState::decode(&s.encode()).unwrap();
+        assert_eq!(back.devices, s.devices);
+        assert_eq!(back.encode(), s.encode());
+        back.check().unwrap();
+
+        let mut no_uart = s.clone();
+        no_uart.devices.serial = None;
+        let e = VmState::decode(&no_uart.encode())
+            .unwrap()
+            .check()
+            .unwrap_err();
+        assert!(matches!(e, StateError::MissingDevice("serial")), "{e}");
+
+        let mut two_vcpus_one_lapic = s.clone();
+        two_vcpus_one_lapic.vcpus.push(s.vcpus[0].clone());
+        let e = two_vcpus_one_lapic.check().unwrap_err();
+        assert!(e.to_string().contains("1 local APICs for 2 vCPUs"), "{e}");
+
+        let mut wrong_chip = s.clone();
+        wrong_chip.devices.platform.as_mut().unwrap().ioapic.chip_id = 0;
+        let e = wrong_chip.check().unwrap_err();
+        assert!(e.to_string().contains("device platform"), "{e}");
+
+        let mut big = s.clone();
+        big.devices.serial.as_mut().unwrap().output =
+            vec![b'x'; crate::devices::serial::MAX_HELD_BYTES + 1];
+        let e = big.check().unwrap_err();
+        assert!(e.to_string().contains("device serial"), "{e}");
     }
 }
 
@@ -458,14 +585,14 @@ mod tests {
         let decode = |devices: &[Section<'_>]| {
             VmState::decode(&encode_body(s.mem_size, &vcpus, devices)).unwrap_err()
         };
-        let serial = Section {
-            name: "serial",
+        let floppy = Section {
+            name: "floppy",
             version: 1,
             data: &[],
         };
-        let err = decode(&[nic, serial, console]);
+        let err = decode(&[nic, floppy, console]);
         assert!(
-            matches!(&err, StateError::UnknownDevice(n) if n == "serial"),
+            matches!(&err, StateError::UnknownDevice(n) if n == "floppy"),
             "{err:?}"
         );
         assert!(matches!(
@@ -581,7 +708,10 @@ mod restore_check_tests {
                 .to_string()
         };
         assert!(guest_err(1, &crate::layout::ram_regions(8 << 20)).contains("memory must be"));
-        assert!(guest_err(9, &crate::layout::ram_regions(256 << 20)).contains("vCPUs"));
+        // The handshake does not say which guest runs: a Linux guest's limits apply.
+        let too_many = crate::linux::MAX_VCPUS as u32 + 1;
+        assert!(guest_err(too_many, &crate::layout::ram_regions(256 << 20)).contains("vCPUs"));
+        RestoreCheck::check_guest(16, &crate::layout::ram_regions(64 << 30)).unwrap();
         assert!(
             guest_err(1, &[(0x10_0000, 256 << 20)]).contains("not those of a 256 MiB rmc guest")
         );

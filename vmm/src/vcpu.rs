@@ -759,12 +759,15 @@ fn run_vcpu(id: usize, fd: &Mutex<VcpuFd>, kick: &EventFd, ctl: &RunControl, dev
                     Some(IoAction::Continue) => None,
                     Some(IoAction::Stop(why)) => Some(why),
                     None => {
-                        warn!(
-                            vcpu = id,
-                            port = format_args!("{port:#x}"),
-                            value = le_value(data),
-                            "write to an unhandled port ignored"
-                        );
+                        if devices.first_unhandled(port) {
+                            warn!(
+                                vcpu = id,
+                                port = format_args!("{port:#x}"),
+                                value = le_value(data),
+                                "write to an unhandled port ignored (further accesses to this \
+                                 port are not reported)"
+                            );
+                        }
                         None
                     }
                 }
@@ -774,7 +777,14 @@ fn run_vcpu(id: usize, fd: &Mutex<VcpuFd>, kick: &EventFd, ctl: &RunControl, dev
                 if !devices.pio.read(&io, u64::from(port), data) {
                     // No device there: all ones, like an empty ISA bus.
                     data.fill(0xff);
-                    warn!(vcpu = id, port, "guest read from an unhandled port");
+                    if devices.first_unhandled(port) {
+                        warn!(
+                            vcpu = id,
+                            port = format_args!("{port:#x}"),
+                            "guest read from an unhandled port (further accesses to this port \
+                             are not reported)"
+                        );
+                    }
                 }
                 None
             }
@@ -1252,6 +1262,7 @@ mod tests {
                 mem_size: 64 << 20,
                 workloads,
                 nic_addr: None,
+                ..Default::default()
             })
             .unwrap();
             vm.resume();

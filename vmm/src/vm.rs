@@ -67,15 +67,53 @@ impl Default for DirtierConfig {
     }
 }
 
+/// Where a PC VM's serial console (COM1) goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ConsoleTo {
+    /// This process's standard output.
+    #[default]
+    Stdout,
+    /// A file (created, or appended to).
+    File(std::path::PathBuf),
+    /// Nowhere.
+    Discard,
+}
+
+impl ConsoleTo {
+    /// Opens it.
+    pub fn open(&self) -> std::io::Result<crate::ConsoleSink> {
+        Ok(match self {
+            ConsoleTo::Stdout => Box::new(std::io::stdout()),
+            ConsoleTo::File(p) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            ),
+            ConsoleTo::Discard => Box::new(std::io::sink()),
+        })
+    }
+}
+
 /// How to build a VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    /// Guest memory in bytes (multiple of 2 MiB, 16 MiB ..= 11 GiB).
+    /// Guest memory in bytes (multiple of 2 MiB; 16 MiB ..= 11 GiB for the built-in guest,
+    /// up to [`crate::linux::MAX_MEM_SIZE`] for a PC VM).
     pub mem_size: u64,
-    /// One workload per vCPU (1 to 4 vCPUs; at most one `Counter`).
+    /// One workload per vCPU (1 to 4 vCPUs; at most one `Counter`). A Linux guest's vCPUs
+    /// are all `Idle` here (up to [`crate::linux::MAX_VCPUS`]): the kernel decides what runs.
     pub workloads: Vec<Workload>,
     /// Address the NIC's UDP socket binds to; `None`: no socket (frames are discarded).
     pub nic_addr: Option<SocketAddr>,
+    /// A PC VM: KVM's in-kernel PICs, IOAPIC, LAPICs and PIT, the KVM clock, COM1 and an
+    /// i8042 besides the VM's own devices. Implied by `linux`; a restore takes it from the
+    /// state it restores.
+    pub pc: bool,
+    /// Boot this stock kernel instead of the built-in guest program.
+    pub linux: Option<crate::linux::LinuxBoot>,
+    /// Where COM1's output goes (PC VMs).
+    pub console: ConsoleTo,
 }
 
 impl Default for VmConfig {
@@ -84,7 +122,17 @@ impl Default for VmConfig {
             mem_size: DEFAULT_MEM_SIZE,
             workloads: vec![Workload::Counter],
             nic_addr: None,
+            pc: false,
+            linux: None,
+            console: ConsoleTo::Stdout,
         }
+    }
+}
+
+impl VmConfig {
+    /// Whether the VM is a PC VM (see [`VmConfig::pc`]).
+    pub fn is_pc(&self) -> bool {
+        self.pc || self.linux.is_some()
     }
 }
 
@@ -167,6 +215,18 @@ pub enum VmError {
     /// A device could not be put on its bus.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The kernel, initrd or command line could not be loaded.
+    #[error(transparent)]
+    LinuxBoot(#[from] crate::linux::LinuxBootError),
+    /// The serial console's output could not be opened.
+    #[error("Cannot open the serial console's output {what}")]
+    Console {
+        /// Where it was to go.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// "vCPU 1", "vCPUs 0, 2".
@@ -218,6 +278,10 @@ pub struct Vm {
     send_gate: parking_lot::Mutex<Option<crate::nic::SendGate>>,
     /// See [`Vm::set_pause_deadline`].
     pause_deadline: parking_lot::Mutex<Duration>,
+    /// COM1's output path (PC VMs).
+    console: Option<Arc<crate::ConsoleOutput>>,
+    /// Hold COM1's output with output commit (see [`Vm::set_console_commit`]).
+    console_commit: std::sync::atomic::AtomicBool,
 }
 
 /// A device put on the port bus beside the VM's own: (name, first port, ports, device).
@@ -233,6 +297,16 @@ impl Vm {
     /// program does not have).
     fn boot(config: &VmConfig, extra: Vec<ExtraDevice>) -> Result<Self, VmError> {
         let vm = Self::create(config, None, extra)?;
+        if let Some(linux) = &config.linux {
+            vm.boot_linux(linux)?;
+            return Ok(vm);
+        }
+        if config.mem_size > layout::MAX_MEM_SIZE || config.workloads.len() > MAX_VCPUS {
+            return Err(VmError::Config(format!(
+                "the built-in guest runs on up to {MAX_VCPUS} vCPUs and {} GiB",
+                layout::MAX_MEM_SIZE >> 30
+            )));
+        }
         let program = GuestProgram::build()?;
         let mem = &vm.mem;
         arch::write_boot_tables(mem).map_err(VmError::Boot)?;
@@ -289,6 +363,24 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Loads a stock kernel (with its initrd and command line, boot parameters and MP table)
+    /// and puts the vCPUs where the 64-bit boot protocol wants them. Every byte goes in
+    /// through guest memory, so the dirty log has it.
+    fn boot_linux(&self, boot: &crate::linux::LinuxBoot) -> Result<(), VmError> {
+        let n = self.vcpus.len();
+        let info = crate::linux::load(&self.mem, &self.regions, n as u8, boot)?;
+        for (i, v) in self.vcpus.iter().enumerate() {
+            crate::linux::setup_vcpu(&v.fd.lock(), i, &info).map_err(kvm_err("vCPU boot setup"))?;
+        }
+        debug!(
+            kernel = %boot.kernel.display(),
+            entry = format_args!("{:#x}", info.entry),
+            vcpus = n,
+            "Linux kernel loaded"
+        );
+        Ok(())
+    }
+
     /// Builds a VM from a saved state; `fill` writes the saved guest memory into the new VM's
     /// memory. The vCPUs start paused (call [`Vm::resume`]). The dirty log starts empty.
     pub fn restore<E>(
@@ -299,6 +391,7 @@ impl Vm {
     where
         E: std::fmt::Display,
     {
+        let config = &for_state(config, state);
         check_fits(config, state)?;
         let vm = Self::create(config, None, Vec::new())?;
         fill(&vm.mem).map_err(|e| VmError::Config(format!("cannot fill guest memory: {e}")))?;
@@ -309,6 +402,7 @@ impl Vm {
     /// Builds a VM that runs directly on `mem` (e.g. a standby's backup; no copy) with the
     /// saved `state`. The vCPUs start paused (call [`Vm::resume`]).
     pub fn restore_on(config: &VmConfig, state: &VmState, mem: GuestMem) -> Result<Self, VmError> {
+        let config = &for_state(config, state);
         check_fits(config, state)?;
         let vm = Self::create(config, Some(mem), Vec::new())?;
         vm.load_state(state)?;
@@ -320,6 +414,21 @@ impl Vm {
             v.restore_state(i, s)?;
         }
         self.devices.restore(&state.devices)?;
+        if let Some(p) = &state.devices.platform {
+            let fds: Vec<_> = self.vcpus.iter().map(|v| v.fd.lock()).collect();
+            let refs: Vec<&VcpuFd> = fds.iter().map(|f| &**f).collect();
+            let deadlines: Vec<Option<u64>> = state
+                .vcpus
+                .iter()
+                .map(|v| {
+                    v.msrs
+                        .iter()
+                        .find(|(i, _)| *i == crate::platform::MSR_IA32_TSC_DEADLINE)
+                        .map(|(_, value)| *value)
+                })
+                .collect();
+            crate::platform::restore(&self.vm, &refs, p, &deadlines)?;
+        }
         self.dirty.clear(&self.vm, &self.mem)?;
         Ok(())
     }
@@ -372,6 +481,9 @@ impl Vm {
             // life of the KVM VM; slots do not overlap.
             unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
         }
+        if config.is_pc() {
+            crate::platform::create(&vm)?;
+        }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
@@ -395,7 +507,22 @@ impl Vm {
             None => None,
         };
         let nic = Nic::new(nic).map_err(VmError::Threads)?;
-        let mut devices = Devices::new(mem.clone(), nic, fds.len())?;
+        let (serial, console) = if config.is_pc() {
+            let sink = config.console.open().map_err(|source| VmError::Console {
+                what: format!("{:?}", config.console),
+                source,
+            })?;
+            let out = Arc::new(crate::ConsoleOutput::new(sink));
+            let irq = crate::devices::serial::IrqLine::new().map_err(VmError::Threads)?;
+            vm.register_irqfd(irq.fd(), crate::devices::serial::COM1_IRQ)
+                .map_err(kvm_err("IRQFD"))?;
+            let uart = crate::devices::serial::SerialDevice::new(irq, out.clone())
+                .map_err(VmError::Threads)?;
+            (Some(Arc::new(uart)), Some(out))
+        } else {
+            (None, None)
+        };
+        let mut devices = Devices::new(mem.clone(), nic, fds.len(), serial)?;
         for (name, base, len, device) in extra {
             devices.pio.insert(name, base.into(), len.into(), device)?;
         }
@@ -429,6 +556,8 @@ impl Vm {
             output_waker: parking_lot::Mutex::new(None),
             send_gate: parking_lot::Mutex::new(None),
             pause_deadline: parking_lot::Mutex::new(DEFAULT_PAUSE_DEADLINE),
+            console,
+            console_commit: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -517,10 +646,16 @@ impl Vm {
         let vcpus = self
             .ctl
             .save(requests, &|i, r| self.vcpus[i].save_state(i, r))?;
+        let mut devices = self.devices.save();
+        if self.config.is_pc() {
+            let fds: Vec<_> = self.vcpus.iter().map(|v| v.fd.lock()).collect();
+            let refs: Vec<&VcpuFd> = fds.iter().map(|f| &**f).collect();
+            devices.platform = Some(crate::platform::save(&self.vm, &refs)?);
+        }
         Ok(VmState {
             mem_size: self.config.mem_size,
             vcpus,
-            devices: self.devices.save(),
+            devices,
         })
     }
 
@@ -576,6 +711,15 @@ impl Vm {
     /// [`rmc_guest_api::OutputCommit::release_output`] covers the checkpoint it belongs to. When it is still
     /// on (a session ended with output kept back), what is held waits for the next session.
     pub fn enable_output_commit(&self, limits: rmc_netbuf::Limits) -> Result<(), VmError> {
+        if let Some(c) = &self.console {
+            if self
+                .console_commit
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                // A new session after a lost one: what is held waits for its first ack.
+                c.hold();
+            }
+        }
         if let Some(held) = self.output.lock().as_ref() {
             // Still on from a session that ended (its output kept back): the new session's
             // first checkpoint releases it.
@@ -583,9 +727,15 @@ impl Vm {
             return Ok(());
         }
         let mut nic = self.devices.nic.lock();
-        let socket = nic
-            .socket_clone()
-            .ok_or_else(|| VmError::Config("output commit needs the NIC's socket".into()))?;
+        let Some(socket) = nic.socket_clone() else {
+            if self.console.is_some() {
+                // A PC VM without the NIC's socket: the console is its only output.
+                return Ok(());
+            }
+            return Err(VmError::Config(
+                "output commit needs the NIC's socket".into(),
+            ));
+        };
         let gate = Arc::new(crate::nic::OutputCommit::new(
             socket,
             limits,
@@ -600,16 +750,42 @@ impl Vm {
     /// Fencing: from now on every packet the guest sends leaves only if `gate` allows it at
     /// that moment (with output commit on or off); see [`crate::nic::SendGate`].
     pub fn set_send_gate(&self, gate: crate::nic::SendGate) {
+        if let Some(c) = &self.console {
+            c.set_gate(Some(gate.clone()));
+        }
         *self.send_gate.lock() = Some(gate.clone());
         self.devices.nic.lock().set_gate(Some(gate));
     }
 
     /// Turns output commit off (protection lost): every held packet leaves now, new ones at once.
     pub fn disable_output_commit(&self) {
+        if let Some(c) = &self.console {
+            c.release_all();
+        }
         self.devices.nic.lock().set_output(None);
         if let Some(gate) = self.output.lock().take() {
             gate.release_all();
         }
+    }
+
+    /// Whether output commit holds the serial console's output too (default: yes). Off is
+    /// for debugging a guest: its console output then leaves at once and a failover can
+    /// repeat lines the console already showed. Takes effect at the next
+    /// [`Vm::enable_output_commit`].
+    pub fn set_console_commit(&self, on: bool) {
+        self.console_commit
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The serial console's counters (PC VMs).
+    pub fn console_stats(&self) -> Option<crate::ConsoleStats> {
+        self.console.as_ref().map(|c| c.stats())
+    }
+
+    /// Types `bytes` at the serial console (PC VMs): as many as the UART's FIFO takes now;
+    /// returns how many.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        self.devices.serial.as_ref().map_or(0, |s| s.input(bytes))
     }
 
     /// Output-commit counters, when it is on.
@@ -715,10 +891,15 @@ pub struct RestoreCheck;
 
 impl RestoreCheck {
     fn config(vcpus: u32, regions: &[(u64, u64)]) -> VmConfig {
+        // The handshake does not say which guest runs: the larger (PC VM) limits apply; the
+        // state, once it comes, says whether it is a PC VM.
         VmConfig {
             mem_size: regions.iter().map(|r| r.1).sum(),
             workloads: vec![Workload::Idle; vcpus as usize],
             nic_addr: None,
+            pc: true,
+            linux: None,
+            console: ConsoleTo::Discard,
         }
     }
 
@@ -739,7 +920,7 @@ impl RestoreCheck {
     /// Whether `state` decodes and can be restored into a guest of that shape.
     pub fn check_state(state: &[u8], vcpus: u32, regions: &[(u64, u64)]) -> Result<(), VmError> {
         let state = VmState::decode(state)?;
-        check_fits(&Self::config(vcpus, regions), &state)
+        check_fits(&for_state(&Self::config(vcpus, regions), &state), &state)
     }
 }
 
@@ -765,15 +946,39 @@ fn check_fits(config: &VmConfig, state: &VmState) -> Result<(), VmError> {
     Ok(state.check()?)
 }
 
+/// `config` for restoring `state`: a PC VM if the state is of one.
+fn for_state(config: &VmConfig, state: &VmState) -> VmConfig {
+    VmConfig {
+        pc: state.devices.is_pc(),
+        linux: None,
+        ..config.clone()
+    }
+}
+
+/// Largest memory and vCPU count: the built-in guest's identity map and per-vCPU records
+/// bound its own; a PC VM's are those of [`crate::linux`]. A PC VM restored from a state may
+/// run either guest, so it gets the larger ones; booting the built-in guest checks its own.
+fn limits(c: &VmConfig) -> (u64, usize) {
+    if c.is_pc() {
+        (crate::linux::MAX_MEM_SIZE, crate::linux::MAX_VCPUS)
+    } else {
+        (layout::MAX_MEM_SIZE, MAX_VCPUS)
+    }
+}
+
 fn validate(c: &VmConfig) -> Result<(), VmError> {
     let bad = |m: String| Err(VmError::Config(m));
-    if c.mem_size < layout::MIN_MEM_SIZE || c.mem_size > layout::MAX_MEM_SIZE {
+    let (max_mem, max_vcpus) = limits(c);
+    if c.mem_size < layout::MIN_MEM_SIZE || c.mem_size > max_mem {
         return bad(format!(
             "memory must be between {} MiB and {} GiB, not {} bytes",
             layout::MIN_MEM_SIZE >> 20,
-            layout::MAX_MEM_SIZE >> 30,
+            max_mem >> 30,
             c.mem_size
         ));
+    }
+    if c.linux.is_some() && c.workloads.iter().any(|w| *w != Workload::Idle) {
+        return bad("a Linux guest runs no built-in workload (give its vCPUs as Idle)".into());
     }
     if !c.mem_size.is_multiple_of(2 << 20) {
         return bad(format!(
@@ -781,9 +986,9 @@ fn validate(c: &VmConfig) -> Result<(), VmError> {
             c.mem_size
         ));
     }
-    if c.workloads.is_empty() || c.workloads.len() > MAX_VCPUS {
+    if c.workloads.is_empty() || c.workloads.len() > max_vcpus {
         return bad(format!(
-            "a VM has 1 to {MAX_VCPUS} vCPUs, not {}",
+            "a VM has 1 to {max_vcpus} vCPUs, not {}",
             c.workloads.len()
         ));
     }
@@ -895,17 +1100,26 @@ impl rmc_guest_api::OutputCommit for Vm {
         if let Some(g) = self.output.lock().as_ref() {
             g.close_epoch(epoch);
         }
+        if let Some(c) = &self.console {
+            c.close_epoch(epoch);
+        }
     }
 
     fn release_output(&self, epoch: u64) {
         if let Some(g) = self.output.lock().as_ref() {
             g.release(epoch);
         }
+        if let Some(c) = &self.console {
+            c.release(epoch);
+        }
     }
 
     fn watch_output(&self, waker: Option<rmc_guest_api::OutputWaker>) {
         // Kept for a gate enabled later, and given to the one that is on now.
         *self.output_waker.lock() = waker.clone();
+        if let Some(c) = &self.console {
+            c.set_waker(waker.clone());
+        }
         if let Some(g) = self.output.lock().as_ref() {
             g.set_waker(waker);
         }
@@ -913,6 +1127,7 @@ impl rmc_guest_api::OutputCommit for Vm {
 
     fn output_waiting(&self) -> bool {
         self.output.lock().as_ref().is_some_and(|g| g.waiting())
+            || self.console.as_ref().is_some_and(|c| c.waiting())
     }
 }
 
@@ -992,6 +1207,7 @@ mod pause_deadline_tests {
                 Workload::Idle,
             ],
             nic_addr: None,
+            ..Default::default()
         };
         let vm = Vm::boot(&cfg, vec![("stuck", STUCK_PORT, 1, stuck)]).unwrap();
         let base = layout::CODE_ADDR + 0x1_8000;

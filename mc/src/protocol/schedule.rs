@@ -92,8 +92,10 @@ pub struct SchedulePolicy {
     pub epoch_interval: Duration,
     /// End an epoch early once this many pages are dirty.
     pub max_dirty_pages: usize,
-    /// How often to peek at the dirty log during an epoch ([`DIRTY_PEEK_EVERY`]).
-    pub dirty_peek: Duration,
+    /// How often to peek at the dirty log during an epoch ([`DIRTY_PEEK_EVERY`]); `None`:
+    /// never while the guest runs, so `max_dirty_pages` does not end epochs (see
+    /// [`SchedulePolicy::without_dirty_peek`]).
+    pub dirty_peek: Option<Duration>,
     /// A full-sync round that leaves at most this many pages dirty is the last one.
     pub sync_threshold: usize,
     /// Full-sync rounds at most ([`MAX_SYNC_ROUNDS`]).
@@ -111,12 +113,20 @@ impl SchedulePolicy {
         SchedulePolicy {
             epoch_interval,
             max_dirty_pages,
-            dirty_peek: DIRTY_PEEK_EVERY,
+            dirty_peek: Some(DIRTY_PEEK_EVERY),
             sync_threshold: max_dirty_pages.min(slot_pages / 2).max(1),
             max_sync_rounds: MAX_SYNC_ROUNDS,
             drain_timeout: ACK_DRAIN_TIMEOUT,
             output: None,
         }
+    }
+
+    /// Never peek at the dirty log while the guest runs: epochs end by time or output only,
+    /// and the dirty log is read while the guest is paused. For platforms where reading it
+    /// under a running guest is not safe (see `PrimaryConfig::live_dirty_reads`).
+    pub fn without_dirty_peek(mut self) -> Self {
+        self.dirty_peek = None;
+        self
     }
 
     /// The same, with output ending epochs early by `trigger` (`None`: never).
@@ -166,7 +176,7 @@ pub enum SyncStep {
 pub struct Scheduler {
     policy: SchedulePolicy,
     epoch_start: Instant,
-    next_peek: Instant,
+    next_peek: Option<Instant>,
     dirty: usize,
     /// Output waits for a checkpoint (reported by [`Scheduler::output_waiting`]).
     output: bool,
@@ -184,7 +194,7 @@ impl Scheduler {
         Scheduler {
             policy,
             epoch_start: now,
-            next_peek: now + policy.dirty_peek,
+            next_peek: policy.dirty_peek.map(|p| now + p),
             dirty: 0,
             output: false,
             last_pause: Duration::ZERO,
@@ -235,7 +245,7 @@ impl Scheduler {
                 self.awaiting_slot = true;
                 Step::Wait
             }
-            None if now >= self.next_peek => Step::PeekDirty,
+            None if self.next_peek.is_some_and(|p| now >= p) => Step::PeekDirty,
             None => Step::Wait,
         }
     }
@@ -243,7 +253,7 @@ impl Scheduler {
     /// The epoch has `pages` dirty pages so far (all its peeks together), seen at `now`.
     pub fn dirty_observed(&mut self, pages: usize, now: Instant) {
         self.dirty = pages;
-        self.next_peek = now + self.policy.dirty_peek;
+        self.next_peek = self.policy.dirty_peek.map(|p| now + p);
     }
 
     /// The guest has output waiting for a checkpoint not taken yet (the output-triggered
@@ -265,14 +275,14 @@ impl Scheduler {
     /// (with `--epoch-ms 0` and a few hundred pages per epoch this is worth ~15% more
     /// checkpoints per second).
     pub fn acked(&mut self, now: Instant) {
-        self.next_peek = self.next_peek.min(now);
+        self.next_peek = self.next_peek.map(|p| p.min(now));
     }
 
     /// A checkpoint was taken (its pause began at `now`): the next epoch begins, and the
     /// output waiting so far is the checkpoint's.
     pub fn checkpoint_taken(&mut self, now: Instant) {
         self.epoch_start = now;
-        self.next_peek = now + self.policy.dirty_peek;
+        self.next_peek = self.policy.dirty_peek.map(|p| now + p);
         self.dirty = 0;
         self.output = false;
         self.awaiting_slot = false;
@@ -320,14 +330,13 @@ impl Scheduler {
         if self.awaiting_slot || self.last {
             return None;
         }
-        let due = (self.epoch_start + self.policy.epoch_interval).min(
-            if self.dirty >= self.policy.max_dirty_pages {
-                self.epoch_start
-            } else {
-                self.next_peek
-            },
-        );
-        earliest(Some(due), self.output_due())
+        let dirty = if self.dirty >= self.policy.max_dirty_pages {
+            Some(self.epoch_start)
+        } else {
+            self.next_peek
+        };
+        let due = earliest(Some(self.epoch_start + self.policy.epoch_interval), dirty);
+        earliest(due, self.output_due())
     }
 }
 
@@ -348,6 +357,31 @@ mod tests {
 
     fn policy() -> SchedulePolicy {
         SchedulePolicy::new(20 * MS, 100, 1024)
+    }
+
+    #[test]
+    fn without_dirty_peeks_only_time_and_output_end_an_epoch() {
+        let t0 = Instant::now();
+        let policy = policy()
+            .with_output(Some(OutputTrigger {
+                min_gap: 5 * MS,
+                max_pause_share: 1.0,
+            }))
+            .without_dirty_peek();
+        let mut s = Scheduler::new(policy, t0);
+        assert_eq!(s.poll_timeout(), Some(t0 + 20 * MS), "no peek timer");
+        s.acked(t0 + MS);
+        assert_eq!(s.poll(t0 + MS, true), Step::Wait, "an ack brings no peek");
+        assert_eq!(s.poll(t0 + 19 * MS, true), Step::Wait);
+        assert_eq!(
+            s.poll(t0 + 20 * MS, true),
+            Step::Checkpoint(Trigger::Deadline)
+        );
+        let t1 = t0 + 20 * MS;
+        s.checkpoint_taken(t1);
+        s.output_waiting();
+        assert_eq!(s.poll_timeout(), Some(t1 + 5 * MS));
+        assert_eq!(s.poll(t1 + 5 * MS, true), Step::Checkpoint(Trigger::Output));
     }
 
     #[test]

@@ -237,6 +237,7 @@ fn row(c: &BenchConfig, transport: Transport, vcpus: u32, epoch_ms: f64, n: u64)
             vcpus as usize
         ],
         nic_addr: None,
+        ..Default::default()
     };
     let vm = Vm::new(&cfg)?;
     vm.resume();
@@ -398,7 +399,9 @@ fn standby_for(
                     secret: SECRET.to_vec(),
                     memory_bytes: Some(c.mem_size),
                     heartbeat: c.heartbeat,
-                    restore: Some(std::sync::Arc::new(crate::restore::VmRestoreCheck)),
+                    restore: Some(std::sync::Arc::new(
+                        crate::restore::VmRestoreCheck::default(),
+                    )),
                     ..Default::default()
                 },
             )

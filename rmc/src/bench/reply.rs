@@ -184,6 +184,7 @@ fn one(
         mem_size: c.mem_size,
         workloads: vec![Workload::Counter, Workload::Dirtier(r.dirtier)],
         nic_addr: Some("127.0.0.1:0".parse().expect("valid")),
+        ..Default::default()
     })?;
     let server = vm.nic_addr().context("the VM's NIC has no address")?;
     vm.resume();
