@@ -30,4 +30,4 @@ test: deps
 	# built here from the installed busybox-static and kernel modules.
 	guest-linux/build-initramfs.sh --service seq -o target/guest-linux/seq.cpio.gz
 	guest-linux/build-initramfs.sh --run 'echo "rmc-guest: cpus online: $$(grep -c ^processor /proc/cpuinfo)"' -o target/guest-linux/shell.cpio.gz
-	soft-roce/run-in-vm.sh --cpus 1 -- soft-roce/linux-tests.sh target/debug/rmc target/guest-linux/seq.cpio.gz target/guest-linux/shell.cpio.gz
+	soft-roce/run-in-vm.sh --cpus 2 -- soft-roce/linux-tests.sh target/debug/rmc target/guest-linux/seq.cpio.gz target/guest-linux/shell.cpio.gz

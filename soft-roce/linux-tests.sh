@@ -2,13 +2,16 @@
 # rmc's Linux-guest tests. Run inside the Soft-RoCE VM (soft-roce/run-in-vm.sh), where nested
 # KVM runs a stock kernel (the build machines' own KVM cannot), as `make test` does:
 #
-#   soft-roce/run-in-vm.sh --cpus 1 -- soft-roce/linux-tests.sh RMC SEQ_IMAGE SHELL_IMAGE
+#   soft-roce/run-in-vm.sh --cpus 2 -- soft-roce/linux-tests.sh RMC SEQ_IMAGE SHELL_IMAGE
+#
+# Two VM CPUs: with one, the VM running a 2-vCPU Linux guest plus primary and standby showed
+# no sign of life for 180 s and was stopped by run-in-vm.sh's watchdog.
 #
 # RMC is the rmc binary; the images come from guest-linux/build-initramfs.sh (SEQ_IMAGE with
 # --service seq, SHELL_IMAGE with a --run that reports the CPUs online). The kernel is the
 # newest /boot/vmlinuz-* (Debian's stock kernel). Steps:
 #   1. `rmc run --kernel` with 2 vCPUs boots to the shell prompt on the serial console, both
-#      CPUs online;
+#      CPUs online, the KVM clock as its clocksource;
 #   2. `rmc demo --guest linux --transport tcp --trials 5`: real `rmc standby` / `rmc primary`
 #      processes protect the guest whose init prints `seq N` every 50 ms; the primary is
 #      SIGKILLed at a different moment each trial; the standby restores the VM (a fresh VMM
@@ -51,7 +54,12 @@ grep -q "rmc-guest: cpus online: 2" "$work/console" || {
     tail -n 20 "$work/console" >&2
     fail "the guest does not report 2 CPUs online"
 }
-echo "linux tests: shell prompt after $took ms, 2 CPUs online"
+grep -q "clocksource: Switched to clocksource kvm-clock" "$work/console" || {
+    grep -i "clocksource\|kvm" "$work/console" >&2
+    fail "the guest does not run on the KVM clock"
+}
+echo "linux tests: shell prompt after $took ms, 2 CPUs online, clocksource kvm-clock"
+grep -m1 "MPTABLE\|Linux version" "$work/console" || true
 
 for transport in tcp rdma; do
     echo "linux tests: == rmc demo --guest linux --transport $transport --trials 5"
