@@ -1251,23 +1251,13 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
         return demo_linux(&a, &c);
     }
     let trials = a.trials.max(1);
-    let base = Duration::from_secs_f64(a.kill_after.max(0.1));
     let exe = rmc::demo::current_exe()?;
     emit(&Event::DemoStarted { trials });
     let mut times = Vec::new();
     let start = Instant::now();
-    // Kill moments: the first at --kill-after, the others spread over [0.5, 1.5) of it in a
-    // low-discrepancy sequence seeded by the clock, so every run hits other moments.
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| f64::from(d.subsec_nanos()) / 1e9)
-        .unwrap_or(0.0);
-    for i in 0..trials {
-        let kill_after = if i == 0 {
-            base
-        } else {
-            base.mul_f64(0.5 + (seed + f64::from(i) * 0.618_034).fract())
-        };
+    let moments = kill_moments(Duration::from_secs_f64(a.kill_after.max(0.1)), trials);
+    for (i, kill_after) in moments.into_iter().enumerate() {
+        let i = i as u32;
         let mut say = |m: &str| {
             emit(&Event::DemoStory {
                 text: m.to_string(),
@@ -1303,6 +1293,12 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
         }
         times.push(t.failover.as_secs_f64() * 1000.0);
     }
+    emit_demo_summary(times, start);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The demo's last line: every trial passed, with the failover times (ms) of all of them.
+fn emit_demo_summary(mut times: Vec<f64>, start: Instant) {
     times.sort_by(f64::total_cmp);
     let q = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
     emit(&Event::DemoSummary {
@@ -1313,7 +1309,6 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
         p90_ms: q(0.9),
         max_ms: q(1.0),
     });
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Kill moments: the first at `base`, the others spread over [0.5, 1.5) of it in a
@@ -1335,7 +1330,8 @@ fn kill_moments(base: Duration, trials: u32) -> Vec<Duration> {
 fn demo_linux(a: &DemoArgs, c: &rmc::demo::DemoConfig) -> Result<ExitCode> {
     let kernel = match &a.kernel {
         Some(k) => k.clone(),
-        None => newest_kernel()?,
+        None => rmc_vmm::linux::newest_kernel()
+            .context("No /boot/vmlinuz-* (install linux-image-amd64 or give --kernel)")?,
     };
     let initrd = a.initrd.clone().context(
         "--guest linux needs --initrd: build one with `guest-linux/build-initramfs.sh --service seq -o seq.cpio.gz`",
@@ -1390,34 +1386,8 @@ fn demo_linux(a: &DemoArgs, c: &rmc::demo::DemoConfig) -> Result<ExitCode> {
         }
         times.push(t.failover.as_secs_f64() * 1000.0);
     }
-    times.sort_by(f64::total_cmp);
-    let q = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
-    emit(&Event::DemoSummary {
-        trials: times.len(),
-        seconds: start.elapsed().as_secs_f64(),
-        min_ms: q(0.0),
-        p50_ms: q(0.5),
-        p90_ms: q(0.9),
-        max_ms: q(1.0),
-    });
+    emit_demo_summary(times, start);
     Ok(ExitCode::SUCCESS)
-}
-
-/// The newest /boot/vmlinuz-*.
-fn newest_kernel() -> Result<std::path::PathBuf> {
-    let mut kernels: Vec<_> = std::fs::read_dir("/boot")
-        .context("Cannot list /boot to find a kernel (give --kernel)")?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
-        })
-        .collect();
-    kernels.sort();
-    kernels
-        .pop()
-        .context("No /boot/vmlinuz-* (install linux-image-amd64 or give --kernel)")
 }
 
 fn bench(a: BenchArgs, json: bool) -> Result<ExitCode> {

@@ -870,18 +870,7 @@ fn a_pc_vm_checkpoints_its_platform_and_continues() {
 /// The newest /boot/vmlinuz-* (a stock kernel), or `None` with a SKIPPED line; with
 /// RMC_REQUIRE_KVM=1 (CI, which installs linux-image-amd64) a missing kernel fails instead.
 fn stock_kernel(test: &str) -> Option<std::path::PathBuf> {
-    let mut kernels: Vec<_> = std::fs::read_dir("/boot")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
-        })
-        .collect();
-    kernels.sort();
-    let k = kernels.pop();
+    let k = rmc_vmm::linux::newest_kernel();
     if k.is_none() {
         if std::env::var("RMC_REQUIRE_KVM").as_deref() == Ok("1") {
             panic!("{test}: no /boot/vmlinuz-* (apt-get install linux-image-amd64)");

@@ -310,3 +310,24 @@ pub fn load(
 ) -> Result<BootInfo, LinuxBootError> {
     boot::load(mem, regions, vcpus, boot)
 }
+
+/// The newest stock kernel installed, `/boot/vmlinuz-*` by version order (`None`: none).
+pub fn newest_kernel() -> Option<PathBuf> {
+    let mut kernels: Vec<(Vec<u64>, PathBuf)> = std::fs::read_dir("/boot")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?;
+            let version = name.strip_prefix("vmlinuz-")?;
+            // Numeric parts compared as numbers: 6.1.0-56 after 6.1.0-9.
+            let key = version
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|n| n.parse().ok())
+                .collect();
+            Some((key, p))
+        })
+        .collect();
+    kernels.sort();
+    kernels.pop().map(|(_, p)| p)
+}
