@@ -24,10 +24,4 @@ test: deps
 	cargo build --bin rmc
 	cargo test --workspace --no-run
 	scripts/test-binaries.sh rmc bad_input replication > target/rdma-test-binaries
-	# Then, in the same VM boot, a stock Linux kernel in the rmc VMM (its nested KVM runs one,
-	# which the build machines' own KVM cannot): 2 vCPUs boot to the shell prompt on the serial
-	# console (soft-roce/linux-tests.sh; the guest images are built here from the installed
-	# busybox-static and kernel modules).
-	guest-linux/build-initramfs.sh --service seq -o target/guest-linux/seq.cpio.gz
-	guest-linux/build-initramfs.sh --run 'echo "rmc-guest: cpus online: $$(grep -c ^processor /proc/cpuinfo)"' -o target/guest-linux/shell.cpio.gz
-	soft-roce/run-in-vm.sh --cpus 1 -- bash -c 'soft-roce/rdma-tests.sh "$$@" && soft-roce/linux-tests.sh --boot-only target/debug/rmc target/guest-linux/seq.cpio.gz target/guest-linux/shell.cpio.gz' rdma $$(cat target/rdma-test-binaries)
+	soft-roce/run-in-vm.sh --cpus 1 -- soft-roce/rdma-tests.sh $$(cat target/rdma-test-binaries)
