@@ -455,6 +455,14 @@ impl Default for SerialState {
     }
 }
 
+/// A read of a byte-wide register: its value in the first byte, zeros above.
+fn byte_register(data: &mut [u8], value: u8) {
+    data.fill(0);
+    if let Some(b) = data.first_mut() {
+        *b = value;
+    }
+}
+
 type Uart = Serial<IrqLine, NoEvents, ToConsole>;
 
 /// COM1.
@@ -489,11 +497,7 @@ impl SerialDevice {
 
 impl BusDevice for SerialDevice {
     fn read(&self, _io: &IoContext<'_>, offset: u64, data: &mut [u8]) {
-        let v = self.uart.lock().read(offset as u8);
-        data.fill(0);
-        if let Some(b) = data.first_mut() {
-            *b = v;
-        }
+        byte_register(data, self.uart.lock().read(offset as u8));
     }
 
     fn write(&self, _io: &IoContext<'_>, offset: u64, data: &[u8]) -> IoAction {
@@ -571,11 +575,7 @@ impl I8042 {
 
 impl BusDevice for I8042 {
     fn read(&self, _io: &IoContext<'_>, offset: u64, data: &mut [u8]) {
-        let v = self.dev.lock().read(offset as u8);
-        data.fill(0);
-        if let Some(b) = data.first_mut() {
-            *b = v;
-        }
+        byte_register(data, self.dev.lock().read(offset as u8));
     }
 
     fn write(&self, _io: &IoContext<'_>, offset: u64, data: &[u8]) -> IoAction {
