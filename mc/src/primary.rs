@@ -23,6 +23,7 @@
 //! slot-sized pieces while the guest stays paused (a long pause, logged as a warning: raise
 //! `--slot-pages` or lower `--max-dirty-pages`).
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -194,7 +195,9 @@ pub struct PrimaryStats {
     pub stage_us: Histogram<u64>,
     /// Writing the epoch to the transport (checksum + send, guest running), microseconds.
     pub transmit_us: Histogram<u64>,
-    /// From the end of the write to the ack, microseconds.
+    /// From the end of the write to the ack, microseconds (1 when the ack was seen before the
+    /// sender reported the write done: on RDMA the standby can answer while the sender is
+    /// still returning from posting the commit).
     pub commit_ack_us: Histogram<u64>,
     /// From the start of the pause to the ack, microseconds.
     pub e2e_us: Histogram<u64>,
@@ -246,8 +249,59 @@ struct Payload {
     dirty: DirtySet,
     /// When the checkpoint's pause began (None for sync epochs).
     paused_at: Option<Instant>,
-    /// When the transport finished writing it.
-    written_at: Option<Instant>,
+}
+
+/// Pairs each checkpoint's end of write (reported by the sender thread) with its ack (read by
+/// the reader thread) to time commit-to-ack. The two reports reach the loop in either order:
+/// on RDMA the standby's ack can arrive while the sender is still returning from posting the
+/// commit. Both come in epoch order, so a report for epoch `e` drops the other side's older
+/// entries (epochs that will never be paired: a failed write, a lost connection).
+#[derive(Debug, Default)]
+struct WriteAckPairs {
+    written: VecDeque<(u64, Instant)>,
+    acked: VecDeque<(u64, Instant)>,
+}
+
+impl WriteAckPairs {
+    /// Checkpoint `epoch` was written by `t`: its commit-to-ack time if its ack came first.
+    fn written(&mut self, epoch: u64, t: Instant) -> Option<Duration> {
+        Self::pair(&mut self.acked, &mut self.written, epoch, t)
+            .map(|acked| acked.saturating_duration_since(t))
+    }
+
+    /// Checkpoint `epoch` was acknowledged at `t`: its commit-to-ack time if it was reported
+    /// written first.
+    fn acked(&mut self, epoch: u64, t: Instant) -> Option<Duration> {
+        Self::pair(&mut self.written, &mut self.acked, epoch, t)
+            .map(|written| t.saturating_duration_since(written))
+    }
+
+    /// The other side's time for `epoch`, or `None` after remembering `t` on this side.
+    fn pair(
+        other: &mut VecDeque<(u64, Instant)>,
+        this: &mut VecDeque<(u64, Instant)>,
+        epoch: u64,
+        t: Instant,
+    ) -> Option<Instant> {
+        while other.front().is_some_and(|&(e, _)| e < epoch) {
+            other.pop_front();
+        }
+        match other.front() {
+            Some(&(e, at)) if e == epoch => {
+                other.pop_front();
+                Some(at)
+            }
+            _ => {
+                this.push_back((epoch, t));
+                None
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn pending(&self) -> usize {
+        self.written.len() + self.acked.len()
+    }
 }
 
 struct Job {
@@ -260,6 +314,7 @@ enum Event {
     /// Epoch written: when the write started and ended, and how many bytes.
     Sent {
         epoch: u64,
+        checkpoint: bool,
         started: Instant,
         ended: Instant,
         bytes: u64,
@@ -291,6 +346,8 @@ pub struct Primary<'g, G: Guest> {
     last_summary: (Instant, u64),
     /// Pages peeked from the dirty log during the current epoch (put back on failure).
     pending: DirtySet,
+    /// Times commit-to-ack from the sender's and the reader's reports.
+    write_ack: WriteAckPairs,
     /// Checkpoints acknowledged so far (readable while `run` goes on). With an arbiter it
     /// counts only once the arbiter records this standby as current: from a non-zero count on,
     /// the standby may take over.
@@ -415,6 +472,7 @@ impl<'g, G: Guest> Primary<'g, G> {
             transport,
             stats: PrimaryStats::new(),
             pending: DirtySet::empty(&guest.regions()),
+            write_ack: WriteAckPairs::default(),
             acked: Arc::new(AtomicU64::new(0)),
             token,
             resumed,
@@ -796,7 +854,6 @@ impl<'g, G: Guest> Primary<'g, G> {
                 _slot: Some(slot.clone()),
                 dirty,
                 paused_at,
-                written_at: None,
             },
             Instant::now(),
         );
@@ -835,7 +892,6 @@ impl<'g, G: Guest> Primary<'g, G> {
                 _slot: None,
                 dirty,
                 paused_at: None,
-                written_at: None,
             },
             Instant::now(),
         );
@@ -882,6 +938,7 @@ impl<'g, G: Guest> Primary<'g, G> {
                 Event::Failed(e) => return Err(e.into()),
                 Event::Sent {
                     epoch,
+                    checkpoint,
                     started,
                     ended,
                     bytes,
@@ -890,12 +947,15 @@ impl<'g, G: Guest> Primary<'g, G> {
                     self.core.sent(ended);
                     // The standby took the whole epoch off the connection: it is alive.
                     self.core.heard(ended);
-                    if let Some(p) = self.core.payload_mut(epoch) {
-                        if p.paused_at.is_some() {
-                            p.written_at = Some(ended);
-                            let us = ended.saturating_duration_since(started).as_micros() as u64;
-                            let _ = self.stats.transmit_us.record(us.max(1));
-                            self.stats.checkpoint_bytes += bytes;
+                    if checkpoint {
+                        let us = ended.saturating_duration_since(started).as_micros() as u64;
+                        let _ = self.stats.transmit_us.record(us.max(1));
+                        self.stats.checkpoint_bytes += bytes;
+                        if let Some(d) = self.write_ack.written(epoch, ended) {
+                            let _ = self
+                                .stats
+                                .commit_ack_us
+                                .record((d.as_micros() as u64).max(1));
                         }
                     }
                 }
@@ -931,11 +991,15 @@ impl<'g, G: Guest> Primary<'g, G> {
                 let since =
                     |t: Instant| (now.saturating_duration_since(t).as_micros() as u64).max(1);
                 let _ = self.stats.ack_us.record(since(f.sent_at));
-                if let Some(w) = f.payload.written_at {
-                    let _ = self.stats.commit_ack_us.record(since(w));
-                }
                 if let Some(p) = f.payload.paused_at {
+                    // Sent by the sender thread (not oversize): its write is reported too.
                     let _ = self.stats.e2e_us.record(since(p));
+                    if let Some(d) = self.write_ack.acked(f.epoch, now) {
+                        let _ = self
+                            .stats
+                            .commit_ack_us
+                            .record((d.as_micros() as u64).max(1));
+                    }
                 }
             }
             self.stats.last_acked = f.epoch;
@@ -1043,10 +1107,12 @@ fn spawn_sender(
                 // Done with the slot before saying so: once its epoch is acknowledged too, the
                 // slot is free, and the loop, which waits for events, sees it at this one.
                 let epoch = job.header.epoch;
+                let checkpoint = job.header.kind == EpochKind::Checkpoint;
                 drop(job);
                 let ev = match r {
                     Ok(()) => Event::Sent {
                         epoch,
+                        checkpoint,
                         started,
                         ended: Instant::now(),
                         bytes,
@@ -1079,4 +1145,51 @@ fn spawn_reader(mut reader: FrameReader<Rx>, events: Sender<Event>) -> std::thre
             }
         })
         .expect("spawn reader thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_to_ack_is_timed_whichever_report_comes_first() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut p = WriteAckPairs::default();
+
+        // Written, then acknowledged: the usual order.
+        assert_eq!(p.written(1, at(1)), None);
+        assert_eq!(p.acked(1, at(4)), Some(Duration::from_millis(3)));
+
+        // The ack is read before the sender reports the write (RDMA: the standby answered
+        // while the sender was still returning from posting the commit).
+        assert_eq!(p.acked(2, at(5)), None);
+        assert_eq!(p.written(2, at(6)), Some(Duration::ZERO));
+        assert_eq!(p.acked(3, at(9)), None);
+        assert_eq!(p.written(3, at(7)), Some(Duration::from_millis(2)));
+        assert_eq!(p.pending(), 0);
+    }
+
+    #[test]
+    fn reports_that_will_never_be_paired_are_dropped() {
+        let t0 = Instant::now();
+        let mut p = WriteAckPairs::default();
+        // Epochs 1 and 2 written, never acknowledged on their own (the connection went away
+        // and a new one began at 3), then 3 acked first and written after.
+        assert_eq!(p.written(1, t0), None);
+        assert_eq!(p.written(2, t0), None);
+        assert_eq!(p.acked(3, t0), None);
+        assert_eq!(
+            p.pending(),
+            1,
+            "the acks of 3 dropped the writes of 1 and 2"
+        );
+        assert!(p.written(3, t0).is_some());
+        // An ack of an epoch never reported written (a failed write), then later epochs.
+        assert_eq!(p.acked(4, t0), None);
+        assert_eq!(p.written(5, t0), None);
+        assert_eq!(p.pending(), 1, "the write of 5 dropped the ack of 4");
+        assert!(p.acked(5, t0).is_some());
+        assert_eq!(p.pending(), 0);
+    }
 }
