@@ -70,6 +70,9 @@ verbose=()
 extra=()
 [ -n "${RMC_VM_APPEND:-}" ] && extra=(--append "$RMC_VM_APPEND")
 [ "${RMC_VM_CONSOLE:-0}" = 1 ] && verbose=(--verbose --append "loglevel=6")
+# RMC_VM_QEMU_OPTS: more QEMU options, e.g. '-accel tcg,thread=single' (one host thread for
+# all VM CPUs instead of one each).
+qemu_opts="-cpu max ${RMC_VM_QEMU_OPTS:-}"
 # Watchdog: emulated nested virtualization has been seen to freeze the whole VM (its clock
 # stops, QEMU spins); if the VM shows no sign of life for 180 s, stop it and say so.
 (
@@ -89,7 +92,7 @@ extra=()
 ) &
 watchdog=$!
 vng -r "$kernel" --disable-kvm --user root --memory "$memory" --cpus "$cpus" "${verbose[@]}" "${extra[@]}" \
-    --qemu-opts='-cpu max' --rwdir "$PWD" --exec "$work/inner.sh" 2>&1 | cat || true
+    --qemu-opts="$qemu_opts" --rwdir "$PWD" --exec "$work/inner.sh" 2>&1 | cat || true
 kill "$watchdog" 2>/dev/null || true
 [ -e "$work/frozen" ] && die "the VM froze (no sign of life for 180 s; emulated nested virtualization) and was stopped"
 [ -f "$work/rc" ] || die "the command did not run (the VM failed to boot or the setup failed)"
