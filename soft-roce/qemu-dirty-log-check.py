@@ -3,10 +3,10 @@
 
 Run inside the Soft-RoCE VM (nested KVM), from the repository:
 
-    soft-roce/run-in-vm.sh --cpus 2 -- python3 soft-roce/qemu-dirty-log-check.py SECONDS none|migrate
+    soft-roce/run-in-vm.sh --cpus 2 -- python3 soft-roce/qemu-dirty-log-check.py SECONDS none|migrate [VCPUS]
 
 QEMU boots the newest /boot kernel with target/guest-linux/seq.cpio.gz (guest-linux/README.md),
-2 vCPUs, 256 MiB. `none`: it only runs. `migrate`: QEMU live-migrates it to /dev/null over and
+VCPUS vCPUs (default 2), 256 MiB. `none`: it only runs. `migrate`: QEMU live-migrates it to /dev/null over and
 over (`cont` after each), so KVM's dirty log is enabled and read again and again, as rmc's
 checkpoints read it. With -no-reboot a guest reset (triple fault) ends QEMU. Prints how long
 the guest lived and how many `seq` lines its console has. Shows whether a failure of rmc's
@@ -19,12 +19,12 @@ import subprocess
 import sys
 import time
 
-if len(sys.argv) != 3 or sys.argv[2] not in ('none', 'migrate'):
+if len(sys.argv) not in (3, 4) or sys.argv[2] not in ('none', 'migrate'):
     sys.exit(__doc__)
 k = sorted(glob.glob('/boot/vmlinuz-*'))[-1]
 con = 'target/qemu-dirty-log-console'
 if os.path.exists(con): os.remove(con)
-q = subprocess.Popen(['qemu-system-x86_64', '-enable-kvm', '-cpu', 'host', '-smp', '2', '-m', '256',
+q = subprocess.Popen(['qemu-system-x86_64', '-enable-kvm', '-cpu', 'host', '-smp', sys.argv[3] if len(sys.argv) == 4 else '2', '-m', '256',
     '-kernel', k, '-initrd', 'target/guest-linux/seq.cpio.gz',
     '-append', 'console=ttyS0 panic=1 reboot=k tsc=reliable no_timer_check',
     '-display', 'none', '-serial', 'file:' + con, '-monitor', 'unix:/tmp/mon,server,nowait',
